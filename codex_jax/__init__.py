@@ -1,0 +1,3 @@
+"""codex-jax: Codex-style training (pretrain -> SFT -> reward model -> PPO RLHF) in JAX."""
+
+__version__ = "0.1.0"
