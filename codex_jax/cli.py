@@ -1,0 +1,115 @@
+"""Command line: ``codex-jax run`` (the whole pipeline) and ``codex-jax sample``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+from codex_jax.errors import CodexError
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second run skips compiling."""
+    import jax
+
+    cache = os.environ.get("CODEX_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "codex-jax"))
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(cache) / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _load_dataset(data_dir: str | None):
+    from codex_jax import data
+
+    if data_dir is not None:
+        return data.load_dataset(data_dir)
+    from codex_jax.default_data import default_data_dir
+
+    print("[    data] building or reading the default data set (Python standard library)", file=sys.stderr)
+    ds = data.load_dataset(default_data_dir())
+    import dataclasses
+
+    return dataclasses.replace(ds, source="default")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from codex_jax.config import load_config
+    from codex_jax.pipeline import run_pipeline
+
+    cfg = load_config(args.config, seed=args.seed, model=args.model)
+    dataset = _load_dataset(args.data)
+    _enable_compilation_cache()
+    summary = run_pipeline(dataset, cfg, args.out, progress=not args.quiet)
+    obj = summary.get("objective") or {}
+    rm = summary["stages"]["RM"]
+    print(f"wrote {args.out}: vocab {summary['vocab_size']}, "
+          f"RM held-out accuracy {rm.get('heldout_accuracy', float('nan')):.3f}, "
+          f"U={obj.get('U', float('nan')):.4f} (L_SFT={obj.get('L_SFT', float('nan')):.4f}, "
+          f"L_RLHF={obj.get('L_RLHF', float('nan')):.4f}, Omega={obj.get('Omega', float('nan')):.4f}), "
+          f"{summary['timings_s']['total']:.1f}s")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from codex_jax.artifacts import load_params
+    from codex_jax.family import make_family
+    from codex_jax.tokenizer import Tokenizer
+
+    run = pathlib.Path(args.run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise CodexError(f"{run}: not a run directory (no config.json)")
+    model = json.loads(cfg_path.read_text())["model"]
+    tokenizer = Tokenizer.load(run / "vocab.json")
+    params = load_params(run / "params" / f"{args.stage}.npz")
+    family = make_family(model, tokenizer.vocab_size)
+    prompt = jnp.zeros((args.num, 1), jnp.int32)
+    out = family.sample(params, jax.random.PRNGKey(args.seed), prompt, jnp.ones_like(prompt),
+                        args.length, args.temperature)
+    for row in jax.device_get(out):
+        print(tokenizer.decode(row.tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codex-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run pretrain -> SFT -> RM -> PPO and write a run directory")
+    run.add_argument("--data", help="directory with corpus.jsonl, demos.jsonl, prefs.jsonl "
+                                    "(default: built from the Python standard library)")
+    run.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
+    run.add_argument("--seed", type=int, default=None, help="root PRNG seed (overrides the config)")
+    run.add_argument("--config", help="TOML or JSON pipeline config")
+    run.add_argument("--model", choices=("unigram",), default=None, help="model family")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(func=cmd_run)
+
+    smp = sub.add_parser("sample", help="print samples from a saved stage")
+    smp.add_argument("--run", default="runs/latest", help="run directory")
+    smp.add_argument("--stage", choices=("M0", "M1", "M2"), default="M2")
+    smp.add_argument("--num", type=int, default=5)
+    smp.add_argument("--length", type=int, default=24)
+    smp.add_argument("--temperature", type=float, default=1.0)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CodexError as err:
+        print(f"codex-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

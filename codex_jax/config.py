@@ -1,0 +1,315 @@
+"""Frozen, keyword-only configs for every stage, validated on construction.
+
+Each config rejects a bad value with a ``ConfigError`` that names the field and the
+value.  ``PipelineConfig`` nests the stage configs and loads from TOML or JSON with
+unknown keys rejected by their dotted path (``ppo.kl_coef``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import sys
+import typing
+from typing import Any
+
+from codex_jax.errors import ConfigError
+from codex_jax.tokenizer import TokenizerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+
+# --------------------------------------------------------------------------- checks
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(obj: Any, name: str, *, minimum: int) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(
+            f"{type(obj).__name__}.{name} must be an integer >= {minimum}, got {value!r}"
+        )
+
+
+def _check_float(
+    obj: Any, name: str, *, low: float, high: float = math.inf, low_open: bool = False
+) -> None:
+    value = getattr(obj, name)
+    bad = not _is_number(value) or not math.isfinite(value)
+    if not bad:
+        bad = value <= low if low_open else value < low
+        bad = bad or value > high
+    if bad:
+        bound = f"> {low}" if low_open else f">= {low}"
+        if high != math.inf:
+            bound += f" and <= {high}"
+        raise ConfigError(f"{type(obj).__name__}.{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {choices}, got {value!r}")
+
+
+def _check_bool(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{type(obj).__name__}.{name} must be true or false, got {value!r}")
+
+
+# --------------------------------------------------------------------------- optimiser
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """An optax optimiser: adam/adamw/sgd with a constant or cosine-decayed rate."""
+
+    name: str = "adam"
+    lr: float = 0.05
+    schedule: str = "constant"  # "constant" | "cosine" (decays to lr * final_lr_fraction)
+    final_lr_fraction: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # adamw only
+    grad_clip: float = 0.0  # global-norm clip; 0 disables
+
+    def __post_init__(self):
+        _check_choice(self, "name", ("adam", "adamw", "sgd"))
+        _check_float(self, "lr", low=0.0, low_open=True)
+        _check_choice(self, "schedule", ("constant", "cosine"))
+        _check_float(self, "final_lr_fraction", low=0.0, high=1.0)
+        _check_int(self, "warmup_steps", minimum=0)
+        _check_float(self, "weight_decay", low=0.0)
+        _check_float(self, "grad_clip", low=0.0)
+
+
+# --------------------------------------------------------------------------- stages
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMConfig:
+    """Pretraining (M0) or SFT (M1): masked next-token cross-entropy.
+
+    ``mode="exact"`` (pretraining, symbolic family only) sets the maximum-likelihood
+    solution with additive smoothing from token counts; ``"gradient"`` trains with optax.
+    ``smoothing`` is the additive pseudo-count; in gradient mode it becomes the
+    equivalent label smoothing, so both modes have the same optimum.
+    """
+
+    mode: str = "gradient"
+    steps: int = 200
+    batch_size: int = 64
+    smoothing: float = 0.0
+    log_every: int = 20
+    optim: OptimConfig = OptimConfig(lr=0.05)
+
+    def __post_init__(self):
+        _check_choice(self, "mode", ("exact", "gradient"))
+        _check_int(self, "steps", minimum=1)
+        _check_int(self, "batch_size", minimum=1)
+        _check_float(self, "smoothing", low=0.0)
+        _check_int(self, "log_every", minimum=1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """Bradley-Terry reward model on preference pairs, with L2 on the weights."""
+
+    steps: int = 300
+    batch_size: int = 256
+    l2: float = 1e-4
+    heldout_fraction: float = 0.1
+    log_every: int = 50
+    optim: OptimConfig = OptimConfig(lr=0.05)
+
+    def __post_init__(self):
+        _check_int(self, "steps", minimum=1)
+        _check_int(self, "batch_size", minimum=1)
+        _check_float(self, "l2", low=0.0)
+        _check_float(self, "heldout_fraction", low=0.0, high=0.5)
+        _check_int(self, "log_every", minimum=1)
+
+
+DEFAULT_UNSAFE_TOKENS = ("system", "eval", "exec", "rmtree", "popen", "__import__", "unlink")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO against the reward model with a per-token KL penalty to a reference.
+
+    ``kl_target`` switches on the adaptive (Ziegler et al. 2019) controller; without it
+    ``kl_coef`` stays fixed.  ``gamma``/``gae_lambda`` feed GAE: the symbolic policy
+    is context-free, so tokens are independent and ``gamma=0`` (credit each token with
+    its own reward) is the unbiased, lowest-variance choice.
+    """
+
+    iterations: int = 100
+    rollouts: int = 256  # responses sampled per iteration
+    response_len: int = 16
+    epochs: int = 4
+    minibatches: int = 4
+    clip: float = 0.2
+    kl_coef: float = 0.1
+    kl_target: float | None = None
+    kl_horizon: int = 10_000
+    reference: str = "sft"  # "pretrain" (as in the seed design) or "sft"
+    gamma: float = 0.0
+    gae_lambda: float = 1.0
+    whiten_advantages: bool = True
+    temperature: float = 1.0
+    ptx_coef: float = 0.0  # alpha of PPO-ptx: weight of L_SFT on demonstrations
+    ptx_batch_size: int = 32
+    safety_penalty: float = 1.0
+    unsafe_tokens: tuple[str, ...] = DEFAULT_UNSAFE_TOKENS
+    log_every: int = 10
+    optim: OptimConfig = OptimConfig(lr=0.05)
+
+    def __post_init__(self):
+        for name in ("iterations", "rollouts", "response_len", "epochs", "minibatches",
+                     "kl_horizon", "ptx_batch_size", "log_every"):
+            _check_int(self, name, minimum=1)
+        _check_float(self, "clip", low=0.0, low_open=True)
+        _check_float(self, "kl_coef", low=0.0)
+        if self.kl_target is not None:
+            _check_float(self, "kl_target", low=0.0, low_open=True)
+        _check_choice(self, "reference", ("pretrain", "sft"))
+        _check_float(self, "gamma", low=0.0, high=1.0)
+        _check_float(self, "gae_lambda", low=0.0, high=1.0)
+        _check_bool(self, "whiten_advantages")
+        _check_float(self, "temperature", low=0.0, low_open=True)
+        _check_float(self, "ptx_coef", low=0.0)
+        _check_float(self, "safety_penalty", low=0.0)
+        if not isinstance(self.unsafe_tokens, tuple) or not all(
+            isinstance(t, str) and t for t in self.unsafe_tokens
+        ):
+            raise ConfigError(
+                f"PPOConfig.unsafe_tokens must be a list of non-empty strings, got {self.unsafe_tokens!r}"
+            )
+        if self.rollouts % self.minibatches:
+            raise ConfigError(
+                f"PPOConfig.minibatches must divide rollouts ({self.rollouts}), got {self.minibatches!r}"
+            )
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.rollouts // self.minibatches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """Weights of U = alpha * L_SFT + beta * L_RLHF + gamma * Omega."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "gamma"):
+            _check_float(self, name, low=0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """How records become token arrays."""
+
+    context_len: int = 256  # rows of the packed pretraining stream
+    max_prompt_len: int = 64
+    max_response_len: int = 192
+
+    def __post_init__(self):
+        for name in ("context_len", "max_prompt_len", "max_response_len"):
+            _check_int(self, name, minimum=2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """Everything one ``codex-jax run`` uses; hashed into the manifest."""
+
+    seed: int = 0
+    model: str = "unigram"
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pretrain: LMConfig = LMConfig(mode="exact", smoothing=0.1)
+    sft: LMConfig = LMConfig(steps=100, batch_size=256, optim=OptimConfig(lr=0.02))
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+
+    def __post_init__(self):
+        _check_int(self, "seed", minimum=0)
+        _check_choice(self, "model", ("unigram",))
+        if self.sft.mode != "gradient":
+            raise ConfigError(f"PipelineConfig.sft.mode must be 'gradient', got {self.sft.mode!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        return sha256_json(self.to_dict())
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+def from_dict(cls: type, data: Any, path: str = "", base: Any = None) -> Any:
+    """Builds dataclass ``cls`` from nested dicts over ``base`` (default ``cls()``).
+
+    Keys not given keep the base's values, so ``[sft] steps = 10`` keeps the
+    pipeline's other SFT defaults.  Unknown keys name their dotted path.
+    """
+    base = cls() if base is None else base
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table/object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"{path + '.' if path else ''}{k}" for k in unknown)
+        raise ConfigError(f"unknown config key(s): {dotted}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        dotted = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, dotted, getattr(base, name))
+        elif hint == tuple[str, ...]:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{dotted} must be a list of strings, got {value!r}")
+            kwargs[name] = tuple(value)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[name] = float(value)
+        else:
+            kwargs[name] = value
+    try:
+        return dataclasses.replace(base, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if path else str(err)) from None
+
+
+def load_config(path: str | pathlib.Path | None, **overrides: Any) -> PipelineConfig:
+    """Reads a TOML or JSON pipeline config; top-level ``overrides`` win (e.g. seed)."""
+    data: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        raw = path.read_bytes()
+        try:
+            if path.suffix == ".json":
+                data = json.loads(raw.decode("utf-8"))
+            else:
+                data = tomllib.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot parse config: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a table/object")
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return from_dict(PipelineConfig, data)

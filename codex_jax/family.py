@@ -1,0 +1,54 @@
+"""The model-family interface that every stage is written against.
+
+A family is a NamedTuple of pure functions (no class hierarchy): the stages call
+these and never look inside the parameters, so the symbolic unigram family and a
+transformer family go through the same drivers.  Shapes: B batch, L sequence,
+P prompt, T response, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+Params = Any
+
+
+class Family(NamedTuple):
+    name: str
+    vocab_size: int
+    # policy ---------------------------------------------------------------
+    init_policy: Callable[..., Params]  # (key) -> params
+    # (params, tokens [B, L], label_smoothing) -> smoothed NLL of tokens[t] given tokens[<t], [B, L]
+    token_nll: Callable[..., Any]
+    # (params, prompt [B, P], prompt_mask [B, P], response [B, T], temperature) -> log p [B, T]
+    response_logprobs: Callable[..., Any]
+    # (params, key, prompt [B, P], prompt_mask [B, P], length, temperature) -> response int32 [B, T]
+    sample: Callable[..., Any]
+    # reward model ---------------------------------------------------------
+    init_reward: Callable[..., Params]  # (key) -> params
+    # (params, prompt, prompt_mask, response, response_mask) -> per-token reward [B, T];
+    # it sums over T to the sequence score
+    reward_token_scores: Callable[..., Any]
+    # (reward params) -> scalar L2 term (weights only; biases are not decayed)
+    reward_l2: Callable[..., Any]
+    # closed forms (None where the family has none) -----------------------
+    # (counts [V], smoothing) -> params of the smoothed maximum-likelihood policy
+    fit_exact: Optional[Callable[..., Params]] = None
+    # (policy, ref, reward, penalty [V], demo_counts [V], response_len) -> dict of exact terms
+    exact_objective: Optional[Callable[..., dict]] = None
+
+
+def reward_score(family: Family, params, prompt, prompt_mask, response, response_mask):
+    """Sequence score r(prompt, response) -> [B]."""
+    return family.reward_token_scores(params, prompt, prompt_mask, response, response_mask).sum(-1)
+
+
+def make_family(name: str, vocab_size: int) -> Family:
+    """The family called ``name`` over a vocabulary of ``vocab_size`` ids."""
+    if name == "unigram":
+        from codex_jax import symbolic
+
+        return symbolic.unigram_family(vocab_size)
+    from codex_jax.errors import ConfigError
+
+    raise ConfigError(f"model must be one of ('unigram',), got {name!r}")

@@ -1,0 +1,130 @@
+"""Numerical kernels shared by every stage: counting, masked statistics, log-probs,
+GAE, the PPO clipped surrogate and minibatch selection.
+
+All reductions are in float32; masks are float32 or bool and broadcast against data.
+Each kernel has a naive NumPy / Python-loop reference in ``tests/test_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- counting
+def count_tokens(ids: jax.Array, mask: jax.Array, vocab_size: int) -> jax.Array:
+    """Token frequencies of one id sequence.  ids, mask: [L] -> counts float32 [V]."""
+    return jax.ops.segment_sum(
+        mask.astype(jnp.float32), ids, num_segments=vocab_size, indices_are_sorted=False
+    )
+
+
+def batch_count_tokens(ids: jax.Array, mask: jax.Array, vocab_size: int) -> jax.Array:
+    """Summed frequencies of a padded batch: per-row counts, vmapped, then summed.
+
+    ids, mask: [B, L] -> float32 [V].  Rows are long shards of a token stream (not one
+    row per document), so the [B, V] intermediate stays small.
+    """
+    per_row = jax.vmap(count_tokens, in_axes=(0, 0, None))(ids, mask, vocab_size)  # [B, V]
+    return per_row.sum(axis=0)
+
+
+# --------------------------------------------------------------------------- masked stats
+def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(x.astype(jnp.float32) * mask.astype(jnp.float32))
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over mask == 1 (float32); 0 when the mask is empty."""
+    mask = mask.astype(jnp.float32)
+    return masked_sum(x, mask) / jnp.maximum(mask.sum(), EPS)
+
+
+def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Population variance of x over the mask."""
+    mean = masked_mean(x, mask)
+    return masked_mean(jnp.square(x.astype(jnp.float32) - mean), mask)
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax.Array:
+    """(x - mean) / std over the mask; padded entries come out 0."""
+    x = x.astype(jnp.float32)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * jax.lax.rsqrt(var + EPS)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- log-probs
+def gather_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[tokens].  logits [..., V], tokens [...] -> float32 [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+def categorical_kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """Exact KL(p || q) over the last axis.  [..., V] -> [...]."""
+    logp = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
+    logq = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+# --------------------------------------------------------------------------- RL
+def gae(
+    rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation over one response, right to left.
+
+    rewards, values, mask: [T] (vmap for [B, T]).  The value after the last valid
+    token is 0 (the episode ends there).  Returns (advantages [T], returns [T]).
+    """
+    mask = mask.astype(jnp.float32)
+    next_values = jnp.concatenate([values[1:], jnp.zeros((1,), values.dtype)]) * jnp.concatenate(
+        [mask[1:], jnp.zeros((1,), jnp.float32)]
+    )
+    deltas = (rewards + gamma * next_values - values) * mask
+
+    def backward(carry, inputs):
+        delta, m, m_next = inputs
+        adv = delta + gamma * lam * carry * m_next
+        return adv * m, adv * m
+
+    m_next = jnp.concatenate([mask[1:], jnp.zeros((1,), jnp.float32)])
+    _, adv = jax.lax.scan(backward, jnp.zeros((), jnp.float32), (deltas, mask, m_next), reverse=True)
+    return adv, (adv + values) * mask
+
+
+def clipped_surrogate(
+    logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, clip: float
+) -> tuple[jax.Array, dict]:
+    """PPO clipped policy loss (to minimise) and its diagnostics.  All inputs [B, T]."""
+    old_logp = jax.lax.stop_gradient(old_logp)
+    advantages = jax.lax.stop_gradient(advantages)
+    log_ratio = logp - old_logp
+    ratio = jnp.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    loss = -masked_mean(jnp.minimum(unclipped, clipped), mask)
+    metrics = {
+        "clip_fraction": masked_mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32), mask),
+        # k3 estimator of KL(old || new): unbiased, non-negative (Schulman 2020)
+        "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- batching
+def epoch_batch_indices(key: jax.Array, step: jax.Array, num_items: int, batch_size: int) -> jax.Array:
+    """Indices of minibatch ``step`` in an epoch-wise shuffle without replacement.
+
+    The order is a pure function of (key, step): epoch e uses permutation
+    ``fold_in(key, e)``, so a resumed run sees exactly the same batches.  The
+    remainder of each epoch (num_items % batch_size items) is dropped.  -> int32 [batch].
+    """
+    per_epoch = num_items // batch_size
+    epoch, within = step // per_epoch, step % per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_items)
+    return jax.lax.dynamic_slice_in_dim(perm, within * batch_size, batch_size).astype(jnp.int32)

@@ -1,0 +1,122 @@
+"""Language-model stages: pretraining (M0) and supervised fine-tuning (M1).
+
+Both minimise the (label-smoothed) next-token cross-entropy on masked tokens; they
+differ only in data (packed corpus rows vs prompt-masked demonstrations).
+
+data  = {"tokens": int32 [N, L], "mask": f32 [N, L],   # loss mask (prompt/pad = 0)
+         "denom": f32 [],                               # tokens per batch, averaged over the data
+         "label_smoothing": f32 []}
+batch = the same with N -> batch_size rows.
+
+Dividing by the data-set constant ``denom`` instead of each batch's own token count
+keeps the sum of batch losses over an epoch proportional to the full-data loss, so
+minibatch training has the full-data optimum (a per-batch mean would over-weight
+tokens in short batches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from codex_jax import kernels
+from codex_jax.config import LMConfig
+from codex_jax.family import Family
+from codex_jax.optim import make_optimizer
+from codex_jax.updates import apply_gradients
+
+
+@struct.dataclass
+class LMState:
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 []
+    skipped: jax.Array  # int32 [] updates skipped for non-finite gradients
+    family: Family = struct.field(pytree_node=False)
+    cfg: LMConfig = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def init(key: jax.Array, cfg: LMConfig, family: Family, params: Any = None) -> LMState:
+    """Fresh state; ``params`` continues from an earlier stage (SFT starts from M0)."""
+    if params is None:
+        params = family.init_policy(key)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    return LMState(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        family=family,
+        cfg=cfg,
+        tx=tx,
+    )
+
+
+def smoothing_to_label_smoothing(smoothing: float, num_tokens: float, vocab_size: int) -> float:
+    """Additive smoothing a equals label smoothing eps = aV / (N + aV): both give
+    pi(v) = (c_v + a) / (N + aV) as the optimum."""
+    return smoothing * vocab_size / (num_tokens + smoothing * vocab_size)
+
+
+def make_data(tokens, mask, batch_size: int, label_smoothing: float = 0.0) -> dict:
+    """Device arrays for ``run_steps``; ``denom`` = mean loss tokens per batch."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.asarray(mask, jnp.float32)
+    denom = mask.sum() * batch_size / tokens.shape[0]
+    return {
+        "tokens": tokens,
+        "mask": mask,
+        "denom": jnp.asarray(denom, jnp.float32),
+        "label_smoothing": jnp.asarray(label_smoothing, jnp.float32),
+    }
+
+
+def select_batch(state: LMState, data: dict, key: jax.Array) -> dict:
+    """Minibatch number ``state.step`` of the key's epoch-wise shuffle."""
+    n = data["tokens"].shape[0]
+    idx = kernels.epoch_batch_indices(key, state.step, n, min(state.cfg.batch_size, n))
+    return {**data, "tokens": data["tokens"][idx], "mask": data["mask"][idx]}
+
+
+def loss_fn(params: Any, family: Family, batch: dict) -> tuple[jax.Array, dict]:
+    nll = family.token_nll(params, batch["tokens"], batch["label_smoothing"])  # [B, L]
+    loss = kernels.masked_sum(nll, batch["mask"]) / batch["denom"]
+    return loss, {"loss": loss, "tokens": batch["mask"].sum()}
+
+
+def step(state: LMState, batch: dict, key: jax.Array) -> tuple[LMState, dict]:
+    """One optax update.  ``key`` is unused by deterministic models (kept for dropout)."""
+    del key
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, state.family, batch)
+    params, opt_state, ok = apply_gradients(state.tx, state.params, state.opt_state, grads)
+    metrics = {**metrics, "skipped": 1 - ok.astype(jnp.int32)}
+    new = state.replace(
+        params=params,
+        opt_state=opt_state,
+        step=state.step + 1,
+        skipped=state.skipped + 1 - ok.astype(jnp.int32),
+    )
+    return new, metrics
+
+
+def evaluate(state_or_params: Any, family: Family, data: dict) -> dict:
+    """Unsmoothed per-token NLL and perplexity over all rows of ``data``."""
+    params = state_or_params.params if isinstance(state_or_params, LMState) else state_or_params
+    nll = family.token_nll(params, data["tokens"], 0.0)
+    mean = kernels.masked_mean(nll, data["mask"])
+    return {"nll": mean, "perplexity": jnp.exp(mean)}
+
+
+def fit_exact(key: jax.Array, cfg: LMConfig, family: Family, data: dict) -> LMState:
+    """Closed-form smoothed MLE from batched token counts (no optimisation)."""
+    if family.fit_exact is None:
+        from codex_jax.errors import ConfigError
+
+        raise ConfigError(f"pretrain.mode='exact' needs a closed form; model {family.name!r} has none")
+    counts = kernels.batch_count_tokens(data["tokens"], data["mask"] > 0, family.vocab_size)
+    return init(key, cfg, family, params=family.fit_exact(counts, cfg.smoothing))

@@ -1,0 +1,173 @@
+"""RLHF stage (M2): PPO against the reward model, KL-regularised to a reference.
+
+One ``step`` is one whole PPO iteration, compiled as a single function:
+rollout -> old / reference log-probs -> per-token rewards
+    r_t = RM_t - s[y_t] - kl_coef * (log pi_old(y_t) - log pi_ref(y_t))
+-> GAE -> whitening -> ``epochs`` x ``minibatches`` clipped-surrogate updates
+(+ optional PPO-ptx term on demonstrations) -> KL-controller update.
+
+data  = {"prompt": int32 [N, P], "prompt_mask": [N, P],          # prompt pool
+         "ptx_tokens": int32 [M, L], "ptx_mask": f32 [M, L]}      # demonstrations
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from codex_jax import kernels
+from codex_jax.config import PPOConfig
+from codex_jax.family import Family
+from codex_jax.optim import make_optimizer
+from codex_jax.updates import apply_gradients
+
+
+@struct.dataclass
+class PPOState:
+    policy: Any  # trained
+    ref: Any  # frozen reference policy for the KL penalty
+    reward: Any  # frozen reward model
+    penalty: jax.Array  # f32 [V] rule-based safety penalty per token id
+    kl_coef: jax.Array  # f32 [] current KL coefficient (controller state)
+    opt_state: Any
+    step: jax.Array  # int32 []
+    skipped: jax.Array  # int32 []
+    family: Family = struct.field(pytree_node=False)
+    cfg: PPOConfig = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def init(cfg: PPOConfig, family: Family, policy, ref, reward, penalty) -> PPOState:
+    tx = make_optimizer(cfg.optim, cfg.iterations * cfg.epochs * cfg.minibatches)
+    return PPOState(
+        policy=policy,
+        ref=ref,
+        reward=reward,
+        penalty=jnp.asarray(penalty, jnp.float32),
+        kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
+        opt_state=tx.init(policy),
+        step=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        family=family,
+        cfg=cfg,
+        tx=tx,
+    )
+
+
+def penalty_vector(vocab_size: int, unsafe_ids, penalty: float):
+    """s[v] = penalty for each unsafe id, else 0.  -> f32 [V]."""
+    return jnp.zeros((vocab_size,), jnp.float32).at[jnp.asarray(list(unsafe_ids), jnp.int32)].set(penalty)
+
+
+def select_batch(state: PPOState, data: dict, key: jax.Array) -> dict:
+    """Prompts for this iteration's rollouts and a demonstration batch for PPO-ptx
+    (both drawn with replacement; a prompt pool may be smaller than ``rollouts``)."""
+    k_prompt, k_ptx = jax.random.split(key)
+    cfg = state.cfg
+    p_idx = jax.random.randint(k_prompt, (cfg.rollouts,), 0, data["prompt"].shape[0])
+    d_idx = jax.random.randint(k_ptx, (cfg.ptx_batch_size,), 0, data["ptx_tokens"].shape[0])
+    return {
+        "prompt": data["prompt"][p_idx],
+        "prompt_mask": data["prompt_mask"][p_idx],
+        "ptx_tokens": data["ptx_tokens"][d_idx],
+        "ptx_mask": data["ptx_mask"][d_idx],
+    }
+
+
+def rollout(state: PPOState, batch: dict, key: jax.Array) -> dict:
+    """Samples responses and everything the update needs; no gradients flow here."""
+    cfg, fam = state.cfg, state.family
+    prompt, pmask = batch["prompt"], batch["prompt_mask"]
+    response = fam.sample(state.policy, key, prompt, pmask, cfg.response_len, cfg.temperature)
+    mask = jnp.ones(response.shape, jnp.float32)  # fixed-length responses
+    old_logp = fam.response_logprobs(state.policy, prompt, pmask, response, cfg.temperature)
+    ref_logp = fam.response_logprobs(state.ref, prompt, pmask, response, cfg.temperature)
+    rm = fam.reward_token_scores(state.reward, prompt, pmask, response, mask)  # [B, T]
+    safety = state.penalty[response] * mask
+    kl = (old_logp - ref_logp) * mask
+    rewards = rm - safety - state.kl_coef * kl
+    values = jnp.zeros_like(rewards)  # critic-free: whitening supplies the baseline
+    advantages, returns = jax.vmap(kernels.gae, in_axes=(0, 0, 0, None, None))(
+        rewards, values, mask, cfg.gamma, cfg.gae_lambda
+    )
+    if cfg.whiten_advantages:
+        advantages = kernels.masked_whiten(advantages, mask)
+    return {
+        "prompt": prompt, "prompt_mask": pmask, "response": response, "mask": mask,
+        "old_logp": jax.lax.stop_gradient(old_logp),
+        "advantages": jax.lax.stop_gradient(advantages),
+        "stats": {
+            "rm_score": jnp.mean(rm.sum(-1)),
+            "safety_penalty": jnp.mean(safety.sum(-1)),
+            "kl": jnp.mean(kl.sum(-1)),  # sampled KL(pi || ref) per response
+            "return": jnp.mean(returns[:, 0]),
+        },
+    }
+
+
+def loss_fn(policy: Any, state: PPOState, mb: dict, ptx: dict) -> tuple[jax.Array, dict]:
+    cfg, fam = state.cfg, state.family
+    logp = fam.response_logprobs(policy, mb["prompt"], mb["prompt_mask"], mb["response"],
+                                 cfg.temperature)
+    pg_loss, metrics = kernels.clipped_surrogate(logp, mb["old_logp"], mb["advantages"],
+                                                 mb["mask"], cfg.clip)
+    ptx_loss = kernels.masked_mean(fam.token_nll(policy, ptx["ptx_tokens"], 0.0), ptx["ptx_mask"])
+    loss = pg_loss + cfg.ptx_coef * ptx_loss
+    return loss, {**metrics, "pg_loss": pg_loss, "ptx_loss": ptx_loss}
+
+
+def update_kl_coef(cfg: PPOConfig, kl_coef: jax.Array, kl: jax.Array) -> jax.Array:
+    """Adaptive controller of Ziegler et al. (2019); fixed when kl_target is None."""
+    if cfg.kl_target is None:
+        return kl_coef
+    error = jnp.clip(kl / cfg.kl_target - 1.0, -0.2, 0.2)
+    return kl_coef * (1.0 + error * cfg.rollouts / cfg.kl_horizon)
+
+
+def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
+    """One PPO iteration (rollout + all update epochs) as one pure function."""
+    cfg = state.cfg
+    k_sample, k_shuffle = jax.random.split(key)
+    roll = rollout(state, batch, k_sample)
+    ptx = {"ptx_tokens": batch["ptx_tokens"], "ptx_mask": batch["ptx_mask"]}
+    fields = ("prompt", "prompt_mask", "response", "mask", "old_logp", "advantages")
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def minibatch_update(carry, idx):
+        policy, opt_state, skipped = carry
+        mb = {name: roll[name][idx] for name in fields}
+        grads, metrics = grad_fn(policy, state, mb, ptx)
+        policy, opt_state, ok = apply_gradients(state.tx, policy, opt_state, grads)
+        return (policy, opt_state, skipped + 1 - ok.astype(jnp.int32)), metrics
+
+    def epoch(carry, epoch_key):
+        perm = jax.random.permutation(epoch_key, cfg.rollouts)
+        return jax.lax.scan(minibatch_update, carry, perm.reshape(cfg.minibatches, -1))
+
+    epoch_keys = jax.random.split(k_shuffle, cfg.epochs)
+    (policy, opt_state, skipped), mb_metrics = jax.lax.scan(
+        epoch, (state.policy, state.opt_state, state.skipped), epoch_keys
+    )
+    kl_coef = update_kl_coef(cfg, state.kl_coef, roll["stats"]["kl"])
+    metrics = {
+        **roll["stats"],
+        **jax.tree_util.tree_map(jnp.mean, mb_metrics),
+        "kl_coef": state.kl_coef,
+        "skipped": skipped - state.skipped,
+    }
+    new = state.replace(policy=policy, opt_state=opt_state, kl_coef=kl_coef,
+                        step=state.step + 1, skipped=skipped)
+    return new, metrics
+
+
+def evaluate(state: PPOState, demo_counts: jax.Array) -> dict:
+    """Exact objective terms where the family has a closed form (else empty)."""
+    fam = state.family
+    if fam.exact_objective is None:
+        return {}
+    return fam.exact_objective(state.policy, state.ref, state.reward, state.penalty,
+                               demo_counts, state.cfg.response_len)
