@@ -48,10 +48,21 @@ def response_logprobs(params, prompt, prompt_mask, response, temperature=1.0) ->
 
 
 def sample(params, key, prompt, prompt_mask, length: int, temperature=1.0) -> jax.Array:
-    """length i.i.d. draws per prompt from softmax(logits / temperature).  -> int32 [B, T]."""
+    """length i.i.d. draws per prompt from softmax(logits / temperature).  -> int32 [B, T].
+
+    Inverse-CDF sampling: one uniform per token and a binary search in the CDF, i.e.
+    O(B T log V).  ``jax.random.categorical`` would draw B*T*V Gumbel variates
+    (33M for 256 x 16 tokens over 8192 ids), which dominated a PPO iteration.
+    """
     del prompt_mask
-    logits = params["logits"].astype(jnp.float32) / temperature
-    return jax.random.categorical(key, logits, shape=(prompt.shape[0], length)).astype(jnp.int32)
+    probs = jax.nn.softmax(params["logits"].astype(jnp.float32) / temperature)
+    cdf = jnp.cumsum(probs)
+    u = jax.random.uniform(key, (prompt.shape[0], length)) * cdf[-1]
+    # side="right": u in [cdf[i-1], cdf[i]) -> i, so zero-probability ids are never drawn
+    ids = jnp.searchsorted(cdf, u, side="right")
+    # float rounding can put u at cdf[-1]; fall back to the last id with mass
+    last = probs.shape[0] - 1 - jnp.argmax(probs[::-1] > 0)
+    return jnp.minimum(ids, last).astype(jnp.int32)
 
 
 def fit_exact(counts: jax.Array, smoothing: float) -> dict:
