@@ -146,13 +146,13 @@ class PPOConfig:
     its own reward) is the unbiased, lowest-variance choice.
     """
 
-    iterations: int = 100
-    rollouts: int = 256  # responses sampled per iteration
+    iterations: int = 300
+    rollouts: int = 512  # responses sampled per iteration
     response_len: int = 16
     epochs: int = 4
     minibatches: int = 4
     clip: float = 0.2
-    kl_coef: float = 0.1
+    kl_coef: float = 1.0
     kl_target: float | None = None
     kl_horizon: int = 10_000
     reference: str = "sft"  # "pretrain" (as in the seed design) or "sft"
@@ -162,10 +162,10 @@ class PPOConfig:
     temperature: float = 1.0
     ptx_coef: float = 0.0  # alpha of PPO-ptx: weight of L_SFT on demonstrations
     ptx_batch_size: int = 32
-    safety_penalty: float = 1.0
+    safety_penalty: float = 5.0
     unsafe_tokens: tuple[str, ...] = DEFAULT_UNSAFE_TOKENS
-    log_every: int = 10
-    optim: OptimConfig = OptimConfig(lr=0.05)
+    log_every: int = 30
+    optim: OptimConfig = OptimConfig(lr=0.1, schedule="cosine")
 
     def __post_init__(self):
         for name in ("iterations", "rollouts", "response_len", "epochs", "minibatches",

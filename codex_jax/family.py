@@ -34,7 +34,7 @@ class Family(NamedTuple):
     # closed forms (None where the family has none) -----------------------
     # (counts [V], smoothing) -> params of the smoothed maximum-likelihood policy
     fit_exact: Optional[Callable[..., Params]] = None
-    # (policy, ref, reward, penalty [V], demo_counts [V], response_len) -> dict of exact terms
+    # (policy, ref, reward, penalty [V], demo_counts [V], response_len, kl_coef) -> exact terms
     exact_objective: Optional[Callable[..., dict]] = None
 
 

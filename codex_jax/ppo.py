@@ -170,4 +170,4 @@ def evaluate(state: PPOState, demo_counts: jax.Array) -> dict:
     if fam.exact_objective is None:
         return {}
     return fam.exact_objective(state.policy, state.ref, state.reward, state.penalty,
-                               demo_counts, state.cfg.response_len)
+                               demo_counts, state.cfg.response_len, state.kl_coef)

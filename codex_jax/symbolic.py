@@ -102,12 +102,13 @@ def kl_regularised_optimum(ref_logits, w, penalty, kl_coef) -> jax.Array:
     return jax.nn.log_softmax(jax.nn.log_softmax(ref_logits) + (w - penalty) / kl_coef)
 
 
-def exact_objective(policy, ref, reward, penalty, demo_counts, response_len) -> dict:
+def exact_objective(policy, ref, reward, penalty, demo_counts, response_len, kl_coef) -> dict:
     """Exact objective terms for responses of ``response_len`` tokens.
 
     L_SFT  = cross-entropy of pi on demonstration completion tokens (per token)
     L_RLHF = -E_pi[r(y)] = -(b + T <pi, w>)          (per response)
     KL     = T KL(pi || pi_ref);  safety = T <pi, s>  (per response)
+    tv_to_optimum = TV(pi, pi*) for the KL-regularised optimum at ``kl_coef``
     """
     logp = jax.nn.log_softmax(policy["logits"].astype(jnp.float32))
     probs = jnp.exp(logp)
@@ -118,6 +119,9 @@ def exact_objective(policy, ref, reward, penalty, demo_counts, response_len) -> 
         "L_RLHF": -(reward["b"] + response_len * jnp.dot(probs, reward["w"])),
         "KL": response_len * kl,
         "safety": response_len * jnp.dot(probs, penalty),
+        "tv_to_optimum": total_variation(
+            policy["logits"], kl_regularised_optimum(ref["logits"], reward["w"], penalty, kl_coef)
+        ),
     }
 
 
