@@ -20,34 +20,63 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _load_dataset(data_dir: str | None):
+def _load_dataset(source: str | None):
+    """A user's directory, or the built-in default data (source None or "default")."""
+    import dataclasses
+
     from codex_jax import data
 
-    if data_dir is not None:
-        return data.load_dataset(data_dir)
+    if source is not None and source != "default":
+        ds = data.load_dataset(source)
+        return dataclasses.replace(ds, source=str(pathlib.Path(source).absolute()))
     from codex_jax.default_data import default_data_dir
 
     print("[    data] building or reading the default data set (Python standard library)", file=sys.stderr)
-    ds = data.load_dataset(default_data_dir())
-    import dataclasses
+    return dataclasses.replace(data.load_dataset(default_data_dir()), source="default")
 
-    return dataclasses.replace(ds, source="default")
+
+def _parse_stop_after(text: str | None) -> tuple[str, int] | None:
+    if text is None:
+        return None
+    stage, _, step = text.partition(":")
+    if stage not in ("pretrain", "sft", "reward", "ppo") or not step.isdigit() or int(step) < 1:
+        raise CodexError(f"--stop-after must be STAGE:STEP with STAGE in pretrain/sft/reward/ppo "
+                         f"and STEP >= 1, got {text!r}")
+    return stage, int(step)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from codex_jax.config import load_config
-    from codex_jax.pipeline import run_pipeline
+    from codex_jax.loop import StopRequested
+    from codex_jax.pipeline import read_run_record, run_pipeline
 
-    cfg = load_config(args.config, seed=args.seed, model=args.model)
-    dataset = _load_dataset(args.data)
+    stop_after = _parse_stop_after(args.stop_after)
+    if args.resume is not None:
+        if args.config or args.data or args.seed is not None or args.model:
+            raise CodexError("--resume takes the run's own config, data and seed; "
+                             "do not pass --config/--data/--seed/--model with it")
+        out = args.resume
+        cfg, source = read_run_record(out)
+        dataset = _load_dataset(source)
+    else:
+        out = args.out
+        cfg = load_config(args.config, seed=args.seed, model=args.model)
+        dataset = _load_dataset(args.data)
     _enable_compilation_cache()
-    summary = run_pipeline(dataset, cfg, args.out, progress=not args.quiet)
+    try:
+        summary = run_pipeline(dataset, cfg, out, progress=not args.quiet, resume=args.resume is not None,
+                               stop_after=stop_after)
+    except StopRequested as stop:
+        print(f"{stop}; continue with: codex-jax run --resume {out}", file=sys.stderr)
+        return 0
     obj = summary.get("objective") or {}
     rm = summary["stages"]["RM"]
-    print(f"wrote {args.out}: vocab {summary['vocab_size']}, "
-          f"RM held-out accuracy {rm.get('heldout_accuracy', float('nan')):.3f}, "
-          f"U={obj.get('U', float('nan')):.4f} (L_SFT={obj.get('L_SFT', float('nan')):.4f}, "
-          f"L_RLHF={obj.get('L_RLHF', float('nan')):.4f}, Omega={obj.get('Omega', float('nan')):.4f}), "
+    nan = float("nan")
+    print(f"wrote {out}: vocab {summary['vocab_size']}, "
+          f"RM held-out accuracy {rm.get('heldout_accuracy', nan):.3f}, "
+          f"TV to the KL-regularised optimum {summary['stages']['M2']['exact_after'].get('tv_to_optimum', nan):.4f}, "
+          f"U={obj.get('U', nan):.4f} (L_SFT={obj.get('L_SFT', nan):.4f}, "
+          f"L_RLHF={obj.get('L_RLHF', nan):.4f}, Omega={obj.get('Omega', nan):.4f}), "
           f"{summary['timings_s']['total']:.1f}s")
     return 0
 
@@ -85,10 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="directory with corpus.jsonl, demos.jsonl, prefs.jsonl "
                                     "(default: built from the Python standard library)")
     run.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
-    run.add_argument("--seed", type=int, default=None, help="root PRNG seed (overrides the config)")
     run.add_argument("--config", help="TOML or JSON pipeline config")
+    run.add_argument("--seed", type=int, default=None, help="root PRNG seed (overrides the config)")
     run.add_argument("--model", choices=("unigram",), default=None, help="model family")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--resume", metavar="OUT", help="continue the stopped run in OUT from its checkpoints")
+    run.add_argument("--stop-after", metavar="STAGE:STEP",
+                     help="stop right after the checkpoint at STAGE:STEP (e.g. sft:40); resume later")
     run.set_defaults(func=cmd_run)
 
     smp = sub.add_parser("sample", help="print samples from a saved stage")

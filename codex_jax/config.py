@@ -163,6 +163,8 @@ class PPOConfig:
     ptx_coef: float = 0.0  # alpha of PPO-ptx: weight of L_SFT on demonstrations
     ptx_batch_size: int = 32
     safety_penalty: float = 5.0
+    max_kl: float | None = None  # KL guard: bound on the sampled KL(pi || ref) per response
+    kl_guard: str = "stop"  # "stop": end the run with an error; "skip": skip that update
     unsafe_tokens: tuple[str, ...] = DEFAULT_UNSAFE_TOKENS
     log_every: int = 30
     optim: OptimConfig = OptimConfig(lr=0.1, schedule="cosine")
@@ -182,6 +184,9 @@ class PPOConfig:
         _check_float(self, "temperature", low=0.0, low_open=True)
         _check_float(self, "ptx_coef", low=0.0)
         _check_float(self, "safety_penalty", low=0.0)
+        if self.max_kl is not None:
+            _check_float(self, "max_kl", low=0.0, low_open=True)
+        _check_choice(self, "kl_guard", ("stop", "skip"))
         if not isinstance(self.unsafe_tokens, tuple) or not all(
             isinstance(t, str) and t for t in self.unsafe_tokens
         ):
@@ -230,6 +235,8 @@ class PipelineConfig:
 
     seed: int = 0
     model: str = "unigram"
+    checkpoint_every: int = 100  # steps between resumable checkpoints (0: stage ends only)
+    max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain: LMConfig = LMConfig(mode="exact", smoothing=0.1)
@@ -240,6 +247,8 @@ class PipelineConfig:
 
     def __post_init__(self):
         _check_int(self, "seed", minimum=0)
+        _check_int(self, "checkpoint_every", minimum=0)
+        _check_int(self, "max_consecutive_skips", minimum=1)
         _check_choice(self, "model", ("unigram",))
         if self.sft.mode != "gradient":
             raise ConfigError(f"PipelineConfig.sft.mode must be 'gradient', got {self.sft.mode!r}")

@@ -24,7 +24,9 @@ import numpy as np
 @functools.partial(jax.jit, static_argnames=("step_fn", "select_fn", "num_steps"))
 def run_steps(state, data, key, *, step_fn: Callable, select_fn: Callable, num_steps: int):
     """``num_steps`` steps of a stage in one compiled call.  -> (state, metrics [num_steps])."""
-    key_data, key_step = jax.random.split(key)
+    # fold_in, not split: the stage key is passed again for every chunk, and fold_in
+    # does not consume it (the key-reuse checker agrees)
+    key_data, key_step = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
     def body(state, _):
         batch = select_fn(state, data, jax.random.fold_in(key_data, state.step))
@@ -58,12 +60,16 @@ class Progress:
         self.stream.flush()
 
 
+class StopRequested(Exception):
+    """Raised after the checkpoint at ``stop_after`` is written (resume tests, debugging)."""
+
+
 def train(
     state: Any,
     data: Any,
     key: jax.Array,
     *,
-    num_steps: int,
+    total_steps: int,
     log_every: int,
     step_fn: Callable,
     select_fn: Callable,
@@ -71,26 +77,46 @@ def train(
     log: Callable[[dict], None] | None = None,
     show: tuple[str, ...] = ("loss",),
     progress: bool = True,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[Any], None] | None = None,
+    stop_after: int | None = None,
+    check: Callable[[list[dict], Any], None] | None = None,
 ) -> tuple[Any, list[dict]]:
-    """Runs ``num_steps`` steps from ``state.step`` in chunks; returns (state, records).
+    """Runs from ``state.step`` up to ``total_steps`` in chunks; returns (state, records).
 
-    Each record is {"stage": label, "step": i, **metrics} with host floats; ``log``
-    receives every record (the pipeline writes them to metrics.jsonl).
+    Chunks end on multiples of ``log_every`` and ``checkpoint_every`` (absolute steps,
+    so a resumed run cuts the same chunks).  After each chunk: metrics come to the
+    host once, each record {"stage", "step", **metrics} goes to ``log``, ``check``
+    may raise (numerical guards), and ``on_checkpoint(state)`` runs at checkpoint
+    steps and at the end.  ``stop_after`` saves and raises ``StopRequested``.
     """
-    bar = Progress(label, num_steps, enabled=progress)
+    step = int(state.step)
+    bar = Progress(label, total_steps, enabled=progress)
     records: list[dict] = []
-    done = 0
-    start_step = int(state.step)
-    while done < num_steps:
-        n = min(log_every, num_steps - done)
+    while step < total_steps:
+        bounds = [log_every - step % log_every, total_steps - step]
+        if checkpoint_every:
+            bounds.append(checkpoint_every - step % checkpoint_every)
+        if stop_after is not None and stop_after > step:
+            bounds.append(stop_after - step)
+        n = min(bounds)
         state, metrics = run_steps(state, data, key, step_fn=step_fn, select_fn=select_fn, num_steps=n)
         host = jax.device_get(metrics)  # the one sync per chunk
+        chunk = []
         for i in range(n):
-            rec = {"stage": label, "step": start_step + done + i + 1}
+            rec = {"stage": label, "step": step + i + 1}
             rec.update({k: float(np.asarray(v[i])) for k, v in host.items()})
-            records.append(rec)
+            chunk.append(rec)
             if log is not None:
                 log(rec)
-        done += n
-        bar.update(done, {k: records[-1][k] for k in show if k in records[-1]})
+        records.extend(chunk)
+        step += n
+        if check is not None:
+            check(chunk, state)
+        at_checkpoint = step == total_steps or (checkpoint_every and step % checkpoint_every == 0)
+        if on_checkpoint is not None and (at_checkpoint or step == stop_after):
+            on_checkpoint(state)
+        bar.update(step, {k: chunk[-1][k] for k in show if k in chunk[-1]})
+        if step == stop_after:
+            raise StopRequested(f"{label} stopped after step {step}")
     return state, records

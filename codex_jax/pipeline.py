@@ -1,9 +1,9 @@
 """The whole Codex lineage in one driver: M0 (pretrain) -> M1 (SFT) -> RM -> M2 (PPO).
 
 ``run_pipeline`` validates and encodes all data before it creates anything in the
-output directory, runs the four stages with one key each (split once by purpose from
-the seed), and writes summary.json, metrics.jsonl, manifest.json, params/*.npz and the
-vocabulary.
+output directory, runs the four stages with keys split once by purpose from the seed,
+checkpoints each stage (exact resume with ``resume=True``), and writes summary.json,
+metrics.jsonl, manifest.json, params/*.npz and the vocabulary.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import platform
+import shutil
 import time
 from typing import Any, Callable
 
@@ -20,42 +20,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from codex_jax import artifacts, lm, loop, ppo, reward
-from codex_jax.config import PipelineConfig, sha256_json
+from codex_jax.checkpoint import StageCheckpointer
+from codex_jax.config import PipelineConfig, from_dict, sha256_json
 from codex_jax.data import Dataset
 from codex_jax.encode import EncodedData, encode_dataset
-from codex_jax.errors import DataError
+from codex_jax.errors import CodexError, DataError
 from codex_jax.family import Family, make_family
+from codex_jax.manifest import environment
 from codex_jax.tokenizer import Tokenizer
 
 STAGES = ("M0", "M1", "RM", "M2")
+STAGE_LABEL = {"M0": "pretrain", "M1": "sft", "RM": "reward", "M2": "ppo"}
 KEY_PURPOSES = ("data", "pretrain", "sft", "reward", "ppo")
 
 
+class GuardError(CodexError):
+    """A numerical guard stopped the run (non-finite updates in a row, KL bound)."""
+
+
 def stage_keys(seed: int) -> dict[str, jax.Array]:
-    """One root key per run, split once by purpose."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(KEY_PURPOSES))
+    """One root key per run (a typed key, so JAX's key-reuse checker can audit it),
+    split once by purpose; each stage splits its own key once more into init / train."""
+    keys = jax.random.split(jax.random.key(seed), len(KEY_PURPOSES))
     return dict(zip(KEY_PURPOSES, keys))
 
 
-def environment() -> dict:
-    import flax
-    import optax
-
-    dev = jax.devices()[0]
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": dev.device_kind,
-        "device_count": jax.device_count(),
-        "prng_impl": str(jax.config.jax_default_prng_impl),
-        "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
-        "jax_enable_x64": bool(jax.config.jax_enable_x64),
-    }
+def key_data(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).ravel().tolist()
 
 
 def split_pairs(pairs: dict, key: jax.Array, heldout_fraction: float) -> tuple[dict, dict]:
@@ -82,119 +73,199 @@ def prepare(dataset: Dataset, cfg: PipelineConfig) -> tuple[Tokenizer, EncodedDa
     return tokenizer, encode_dataset(dataset, tokenizer, cfg.data)
 
 
-def run_stages(
-    enc: EncodedData,
-    tokenizer: Tokenizer,
-    cfg: PipelineConfig,
-    *,
-    log: Callable[[dict], None] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Runs M0 -> M1 -> RM -> M2; returns params, metrics and timings (no file I/O)."""
+def data_hashes(enc: EncodedData) -> dict[str, str]:
+    """sha256 of the token arrays each stage trains on."""
+    return {
+        "corpus": artifacts.arrays_sha256(enc.corpus_tokens, enc.corpus_mask),
+        "demos": artifacts.arrays_sha256(enc.sft_tokens, enc.sft_mask, enc.prompt),
+        "prefs": artifacts.arrays_sha256(*[enc.pairs[k] for k in sorted(enc.pairs)]),
+    }
+
+
+@dataclasses.dataclass
+class Runner:
+    """Host-side context of one run: logging, progress, checkpoints, guards."""
+
+    cfg: PipelineConfig
+    checkpoints: pathlib.Path | None = None  # None: no checkpoints (library use, tests)
+    log: Callable[[dict], None] | None = None
+    progress: bool = True
+    stop_after: tuple[str, int] | None = None  # (stage label, step)
+
+    def guard(self, label: str) -> Callable[[list[dict], Any], None]:
+        limit = self.cfg.max_consecutive_skips
+        ppo_cfg = self.cfg.ppo
+        streak = 0
+
+        def check(chunk: list[dict], state: Any) -> None:
+            nonlocal streak
+            for rec in chunk:
+                streak = streak + 1 if rec.get("skipped", 0) > 0 else 0
+                if streak >= limit:
+                    raise GuardError(f"{label} step {rec['step']}: {streak} consecutive updates had "
+                                     f"non-finite gradients or rewards (max_consecutive_skips={limit})")
+                if (label == "ppo" and ppo_cfg.max_kl is not None and ppo_cfg.kl_guard == "stop"
+                        and rec["kl"] > ppo_cfg.max_kl):
+                    raise GuardError(f"ppo iteration {rec['step']}: KL to the reference {rec['kl']:.4g} "
+                                     f"exceeds ppo.max_kl={ppo_cfg.max_kl}")
+
+        return check
+
+    def train(self, label: str, state: Any, data: Any, key: jax.Array, *, total: int, log_every: int,
+              step_fn: Callable, select_fn: Callable, show: tuple[str, ...], stage_cfg: Any) -> Any:
+        """Restores the stage's latest checkpoint (if any), then trains to ``total``."""
+        ckpt, meta = None, {"config_hash": sha256_json(dataclasses.asdict(stage_cfg)),
+                            "key_data": key_data(key)}
+        if self.checkpoints is not None:
+            ckpt = StageCheckpointer(self.checkpoints, label)
+            latest = ckpt.latest_step()
+            if latest is not None:
+                state = ckpt.restore(latest, state, expect=meta)
+        stop = self.stop_after[1] if self.stop_after and self.stop_after[0] == label else None
+        try:
+            if int(state.step) < total:
+                state, _ = loop.train(
+                    state, data, key, total_steps=total, log_every=log_every, step_fn=step_fn,
+                    select_fn=select_fn, label=label, log=self.log, show=show, progress=self.progress,
+                    checkpoint_every=self.cfg.checkpoint_every,
+                    on_checkpoint=(lambda st: ckpt.save(int(st.step), st, meta)) if ckpt else None,
+                    stop_after=stop, check=self.guard(label))
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+        return state
+
+
+def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runner: Runner | None = None) -> dict:
+    """Runs M0 -> M1 -> RM -> M2; returns params, metrics, timings and keys."""
+    runner = runner or Runner(cfg=cfg, progress=False)
     keys = stage_keys(cfg.seed)
     family: Family = make_family(cfg.model, enc.vocab_size)
     timings: dict[str, float] = {}
-    results: dict[str, Any] = {"params": {}, "metrics": {}}
+    params: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
 
-    def timed(name):
-        timings[name] = time.perf_counter() - t0
-
-    # ---- M0: pretraining
+    # ---- M0: pretraining (closed form, or optax)
     t0 = time.perf_counter()
     pcfg = cfg.pretrain
+    k_init, k_train = jax.random.split(keys["pretrain"])
     eps = lm.smoothing_to_label_smoothing(pcfg.smoothing, enc.num_corpus_tokens, enc.vocab_size)
     corpus = lm.make_data(enc.corpus_tokens, enc.corpus_mask, pcfg.batch_size, eps)
     if pcfg.mode == "exact":
-        m0 = lm.fit_exact(keys["pretrain"], pcfg, family, corpus)
+        m0 = lm.fit_exact(k_init, pcfg, family, corpus)
     else:
-        m0 = lm.init(keys["pretrain"], pcfg, family)
-        m0, _ = loop.train(m0, corpus, keys["pretrain"], num_steps=pcfg.steps, log_every=pcfg.log_every,
-                           step_fn=lm.step, select_fn=lm.select_batch, label="pretrain", log=log,
-                           progress=progress)
-    m0_eval = jax.device_get(lm.evaluate(m0.params, family, corpus))
-    results["params"]["M0"] = m0.params
-    results["metrics"]["M0"] = {"mode": pcfg.mode, "corpus_tokens": enc.num_corpus_tokens,
-                                **_floats(m0_eval)}
-    timed("M0")
+        m0 = runner.train("pretrain", lm.init(k_init, pcfg, family), corpus, k_train, total=pcfg.steps,
+                          log_every=pcfg.log_every, step_fn=lm.step, select_fn=lm.select_batch,
+                          show=("loss",), stage_cfg=pcfg)
+    params["M0"] = m0.params
+    metrics["M0"] = {"mode": pcfg.mode, "corpus_tokens": enc.num_corpus_tokens,
+                     **_floats(lm.evaluate(m0.params, family, corpus)), "skipped_updates": int(m0.skipped)}
+    timings["M0"] = time.perf_counter() - t0
 
     # ---- M1: supervised fine-tuning on demonstrations
     t0 = time.perf_counter()
     scfg = cfg.sft
+    k_init, k_train = jax.random.split(keys["sft"])
     demos = lm.make_data(enc.sft_tokens, enc.sft_mask, scfg.batch_size)
-    before = jax.device_get(lm.evaluate(m0.params, family, demos))
-    m1 = lm.init(keys["sft"], scfg, family, params=m0.params)
-    m1, _ = loop.train(m1, demos, keys["sft"], num_steps=scfg.steps, log_every=scfg.log_every,
-                       step_fn=lm.step, select_fn=lm.select_batch, label="sft", log=log, progress=progress)
-    after = jax.device_get(lm.evaluate(m1.params, family, demos))
-    results["params"]["M1"] = m1.params
-    results["metrics"]["M1"] = {"demo_nll_before": float(before["nll"]), "demo_nll_after": float(after["nll"]),
-                                "skipped_updates": int(m1.skipped)}
-    timed("M1")
+    m1 = runner.train("sft", lm.init(k_init, scfg, family, params=m0.params), demos, k_train,
+                      total=scfg.steps, log_every=scfg.log_every, step_fn=lm.step,
+                      select_fn=lm.select_batch, show=("loss",), stage_cfg=scfg)
+    params["M1"] = m1.params
+    metrics["M1"] = {"demo_nll_before": _floats(lm.evaluate(m0.params, family, demos))["nll"],
+                     "demo_nll_after": _floats(lm.evaluate(m1.params, family, demos))["nll"],
+                     "skipped_updates": int(m1.skipped)}
+    timings["M1"] = time.perf_counter() - t0
 
     # ---- RM: Bradley-Terry reward model
     t0 = time.perf_counter()
     rcfg = cfg.reward
-    k_split, k_rm = jax.random.split(keys["reward"])
+    k_split, k_init, k_train = jax.random.split(keys["reward"], 3)
     train_pairs, held_pairs = split_pairs(enc.pairs, k_split, rcfg.heldout_fraction)
     train_pairs = jax.tree_util.tree_map(jnp.asarray, train_pairs)
-    rm = reward.init(k_rm, rcfg, family)
-    rm, _ = loop.train(rm, train_pairs, k_rm, num_steps=rcfg.steps, log_every=rcfg.log_every,
-                       step_fn=reward.step, select_fn=reward.select_batch, label="reward", log=log,
-                       show=("loss", "accuracy"), progress=progress)
+    rm = runner.train("reward", reward.init(k_init, rcfg, family), train_pairs, k_train, total=rcfg.steps,
+                      log_every=rcfg.log_every, step_fn=reward.step, select_fn=reward.select_batch,
+                      show=("loss", "accuracy"), stage_cfg=rcfg)
+    params["RM"] = rm.params
     rm_metrics = {"train_pairs": int(train_pairs["chosen"].shape[0]),
-                  "heldout_pairs": int(held_pairs["chosen"].shape[0]),
+                  "heldout_pairs": int(held_pairs["chosen"].shape[0]), "skipped_updates": int(rm.skipped),
                   **{f"train_{k}": v for k, v in _floats(reward.evaluate(rm.params, family, train_pairs)).items()}}
     if held_pairs["chosen"].shape[0]:
         held = jax.tree_util.tree_map(jnp.asarray, held_pairs)
         rm_metrics.update({f"heldout_{k}": v for k, v in _floats(reward.evaluate(rm.params, family, held)).items()})
-    results["params"]["RM"] = rm.params
-    results["metrics"]["RM"] = {**rm_metrics, "skipped_updates": int(rm.skipped)}
-    timed("RM")
+    metrics["RM"] = rm_metrics
+    timings["RM"] = time.perf_counter() - t0
 
-    # ---- M2: PPO RLHF
+    # ---- M2: PPO RLHF against the reward model
     t0 = time.perf_counter()
     qcfg = cfg.ppo
     ref = m0.params if qcfg.reference == "pretrain" else m1.params
     penalty = ppo.penalty_vector(enc.vocab_size, unsafe_ids(tokenizer, qcfg.unsafe_tokens), qcfg.safety_penalty)
-    pstate = ppo.init(qcfg, family, m1.params, ref, rm.params, penalty)
+    start_state = ppo.init(qcfg, family, m1.params, ref, rm.params, penalty)
     ppo_data = {"prompt": jnp.asarray(enc.prompt), "prompt_mask": jnp.asarray(enc.prompt_mask),
                 "ptx_tokens": demos["tokens"], "ptx_mask": demos["mask"]}
-    demo_counts = _demo_counts(enc, family.vocab_size)
-    start = _floats(ppo.evaluate(pstate, demo_counts))
-    pstate, _ = loop.train(pstate, ppo_data, keys["ppo"], num_steps=qcfg.iterations, log_every=qcfg.log_every,
-                           step_fn=ppo.step, select_fn=ppo.select_batch, label="ppo", log=log,
-                           show=("rm_score", "kl", "safety_penalty"), progress=progress)
-    end = _floats(ppo.evaluate(pstate, demo_counts))
-    results["params"]["M2"] = pstate.policy
-    results["metrics"]["M2"] = {
-        "reference": qcfg.reference, "final_kl_coef": float(pstate.kl_coef),
-        "skipped_updates": int(pstate.skipped), "unsafe_token_ids": int((penalty > 0).sum()),
-        "exact_before": start, "exact_after": end,
-    }
-    timed("M2")
+    m2 = runner.train("ppo", start_state, ppo_data, keys["ppo"], total=qcfg.iterations,
+                      log_every=qcfg.log_every, step_fn=ppo.step, select_fn=ppo.select_batch,
+                      show=("rm_score", "kl", "safety_penalty"), stage_cfg=qcfg)
+    params["M2"] = m2.policy
+    demo_counts = jnp.bincount(demos["tokens"].ravel(), weights=demos["mask"].ravel(), length=enc.vocab_size)
+    before = _floats(ppo.evaluate(start_state, demo_counts))
+    after = _floats(ppo.evaluate(m2, demo_counts))
+    metrics["M2"] = {"reference": qcfg.reference, "final_kl_coef": float(m2.kl_coef),
+                     "skipped_updates": int(m2.skipped), "unsafe_token_ids": int((penalty > 0).sum()),
+                     "exact_before": before, "exact_after": after}
+    timings["M2"] = time.perf_counter() - t0
 
-    # ---- objective U = alpha L_SFT + beta L_RLHF + gamma Omega (exact for the unigram)
-    if end:
+    results = {"params": params, "metrics": metrics, "timings": timings,
+               "keys": {k: key_data(v) for k, v in keys.items()}}
+    if after:  # U = alpha L_SFT + beta L_RLHF + gamma Omega, exact for the unigram family
         o = cfg.objective
-        omega = end["KL"] + end["safety"]
+        omega = after["KL"] + after["safety"]
         results["objective"] = {
-            "L_SFT": end["L_SFT"], "L_RLHF": end["L_RLHF"], "Omega": omega,
-            "U": o.alpha * end["L_SFT"] + o.beta * end["L_RLHF"] + o.gamma * omega,
+            "L_SFT": after["L_SFT"], "L_RLHF": after["L_RLHF"], "Omega": omega,
+            "U": o.alpha * after["L_SFT"] + o.beta * after["L_RLHF"] + o.gamma * omega,
             "alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "exact": True,
         }
-    results["timings"] = timings
-    results["keys"] = {k: np.asarray(jax.random.key_data(v)).tolist() for k, v in keys.items()}
     return results
-
-
-def _demo_counts(enc: EncodedData, vocab_size: int) -> jax.Array:
-    """Counts of demonstration completion tokens (the exact L_SFT's statistics)."""
-    return jnp.bincount(jnp.asarray(enc.sft_tokens).ravel(), weights=jnp.asarray(enc.sft_mask).ravel(),
-                        length=vocab_size)
 
 
 def _floats(tree: dict) -> dict:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
+
+
+# --------------------------------------------------------------------------- run directory
+def _read_metrics(path: pathlib.Path) -> list[dict]:
+    """Records of an earlier metrics.jsonl; a line torn by a crash is dropped."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "stage" in rec and "step" in rec:
+                out.append(rec)
+    return out
+
+
+def _resume_metrics(out: pathlib.Path) -> list[dict]:
+    """Earlier records up to each stage's last checkpoint (later ones will be redone)."""
+    latest = {}
+    for label in STAGE_LABEL.values():
+        if (out / "checkpoints" / label).is_dir():
+            ckpt = StageCheckpointer(out / "checkpoints", label)
+            latest[label] = ckpt.latest_step()
+            ckpt.close()
+    return [r for r in _read_metrics(out / "metrics.jsonl")
+            if latest.get(r["stage"]) is not None and r["step"] <= latest[r["stage"]]]
+
+
+def read_run_record(out: str | pathlib.Path) -> tuple[PipelineConfig, str]:
+    """(config, data source) of the run in ``out``, for ``--resume``."""
+    path = pathlib.Path(out) / "run.json"
+    if not path.is_file():
+        raise CodexError(f"{out}: nothing to resume (no run.json)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return from_dict(PipelineConfig, record["config"]), record["data_source"]
 
 
 def run_pipeline(
@@ -203,61 +274,63 @@ def run_pipeline(
     out_dir: str | pathlib.Path,
     *,
     progress: bool = True,
+    resume: bool = False,
+    stop_after: tuple[str, int] | None = None,
 ) -> dict:
-    """Runs every stage and writes the run directory; returns the summary."""
+    """Runs every stage and writes the run directory; returns the summary.
+
+    ``resume=True`` continues the run in ``out_dir`` from its checkpoints and must see
+    the same data (checked by hash).  ``stop_after=(stage, step)`` stops right after the
+    checkpoint at that step (raises ``loop.StopRequested``).
+    """
     t_start = time.perf_counter()
     tokenizer, enc = prepare(dataset, cfg)  # raises before anything is written
-    t_prepare = time.perf_counter() - t_start
+    hashes = data_hashes(enc)
     out = pathlib.Path(out_dir)
-    (out / "params").mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    with open(metrics_path, "w", encoding="utf-8") as fh:
+    record = {"config": cfg.to_dict(), "data_source": dataset.source, "data_hash": hashes}
+    if resume:
+        old = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        if old["data_hash"] != hashes:
+            raise DataError(f"{out}: the data differ from the run being resumed (data hash mismatch)")
+        kept = _resume_metrics(out)
+    else:
+        if (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")  # a fresh run must never restore a stale state
+        kept = []
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(out / "run.json", record)
+    artifacts.atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
         def log(rec: dict) -> None:
             fh.write(json.dumps(rec) + "\n")
 
-        results = run_stages(enc, tokenizer, cfg, log=log, progress=progress)
+        runner = Runner(cfg=cfg, checkpoints=out / "checkpoints", log=log, progress=progress,
+                        stop_after=stop_after)
+        results = run_stages(enc, tokenizer, cfg, runner)
 
     fingerprints = {name: artifacts.fingerprint(p) for name, p in results["params"].items()}
-    for name, params in results["params"].items():
-        artifacts.save_params(out / "params" / f"{name}.npz", params)
+    for name, p in results["params"].items():
+        artifacts.save_params(out / "params" / f"{name}.npz", p)
     tokenizer.save(out / "vocab.json")
     artifacts.write_json(out / "config.json", cfg.to_dict())
-    data_hash = {
-        "corpus": artifacts.arrays_sha256(enc.corpus_tokens, enc.corpus_mask),
-        "demos": artifacts.arrays_sha256(enc.sft_tokens, enc.sft_mask, enc.prompt),
-        "prefs": artifacts.arrays_sha256(*[enc.pairs[k] for k in sorted(enc.pairs)]),
-    }
     env = environment()
     stage_cfg = {"M0": cfg.pretrain, "M1": cfg.sft, "RM": cfg.reward, "M2": cfg.ppo}
-    stage_key = {"M0": "pretrain", "M1": "sft", "RM": "reward", "M2": "ppo"}
     stage_data = {"M0": ["corpus"], "M1": ["demos"], "RM": ["prefs"], "M2": ["demos", "prefs"]}
     manifest = {
-        "seed": cfg.seed,
-        "model": cfg.model,
-        "config_hash": cfg.config_hash(),
-        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "seed": cfg.seed, "model": cfg.model, "config_hash": cfg.config_hash(),
+        "tokenizer_fingerprint": tokenizer.fingerprint(), "data_source": dataset.source,
         "environment": env,
-        "stages": {
-            s: {
-                "key_purpose": stage_key[s],
-                "key_data": results["keys"][stage_key[s]],
-                "config_hash": sha256_json(dataclasses.asdict(stage_cfg[s])),
-                "data_hash": {d: data_hash[d] for d in stage_data[s]},
-                "fingerprint": fingerprints[s],
-            }
-            for s in STAGES
-        },
+        "stages": {s: {"key_purpose": STAGE_LABEL[s], "key_data": results["keys"][STAGE_LABEL[s]],
+                       "config_hash": sha256_json(dataclasses.asdict(stage_cfg[s])),
+                       "data_hash": {d: hashes[d] for d in stage_data[s]},
+                       "fingerprint": fingerprints[s]} for s in STAGES},
     }
     summary = {
-        "model": cfg.model,
-        "seed": cfg.seed,
-        "data_source": dataset.source,
-        "vocab_size": tokenizer.vocab_size,
-        "stages": results["metrics"],
-        "objective": results.get("objective"),
+        "model": cfg.model, "seed": cfg.seed, "data_source": dataset.source,
+        "vocab_size": tokenizer.vocab_size, "resumed": resume,
+        "stages": results["metrics"], "objective": results.get("objective"),
         "fingerprints": fingerprints,
-        "timings_s": {"prepare": t_prepare, **results["timings"],
-                      "total": time.perf_counter() - t_start},
+        "timings_s": {**results["timings"], "total": time.perf_counter() - t_start},
         "versions": env,
     }
     artifacts.write_json(out / "manifest.json", manifest)

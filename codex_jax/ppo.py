@@ -153,11 +153,20 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
         epoch, (state.policy, state.opt_state, state.skipped), epoch_keys
     )
     kl_coef = update_kl_coef(cfg, state.kl_coef, roll["stats"]["kl"])
+    kl_skip = jnp.asarray(False)
+    if cfg.max_kl is not None and cfg.kl_guard == "skip":
+        # the KL guard in "skip" mode drops this iteration's update (host never syncs)
+        kl_skip = roll["stats"]["kl"] > cfg.max_kl
+        keep = lambda new, old: jnp.where(kl_skip, old, new)  # noqa: E731
+        policy = jax.tree_util.tree_map(keep, policy, state.policy)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+        kl_coef = jnp.where(kl_skip, state.kl_coef, kl_coef)
     metrics = {
         **roll["stats"],
         **jax.tree_util.tree_map(jnp.mean, mb_metrics),
         "kl_coef": state.kl_coef,
         "skipped": skipped - state.skipped,
+        "kl_skipped": kl_skip.astype(jnp.int32),
     }
     new = state.replace(policy=policy, opt_state=opt_state, kl_coef=kl_coef,
                         step=state.step + 1, skipped=skipped)

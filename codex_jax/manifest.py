@@ -1,0 +1,46 @@
+"""What a run records about where it ran, and how two records differ."""
+
+from __future__ import annotations
+
+import platform
+
+import jax
+import numpy as np
+
+
+def environment() -> dict:
+    """Library versions, backend and the JAX settings that change random values."""
+    import flax
+    import optax
+
+    dev = jax.devices()[0]
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "prng_impl": str(jax.config.jax_default_prng_impl),
+        "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+        "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return None
+
+
+def environment_differences(recorded: dict, current: dict) -> list[str]:
+    """Human-readable 'key: recorded -> current' lines for every differing entry."""
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys if recorded.get(k) != current.get(k)]
