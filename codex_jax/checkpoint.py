@@ -17,7 +17,11 @@ leaf, never a silent broadcast.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import signal
+import threading
+import time
 from typing import Any
 
 import jax
@@ -48,6 +52,29 @@ def leaf_specs(leaves: dict[str, Any]) -> dict[str, list]:
     return {name: [list(np.shape(x)), str(np.dtype(x.dtype))] for name, x in leaves.items()}
 
 
+def _fault_injection(directory: pathlib.Path, save_index: int) -> str | None:
+    """Test hook: ``CODEX_JAX_KILL_AT="<n>:<phase>"`` SIGKILLs this process at the n-th
+    save of the process (1-based) -- phase ``before`` the write, ``during`` it (as soon
+    as orbax's temporary directory appears) or ``after`` it.  Unset in normal use."""
+    spec = os.environ.get("CODEX_JAX_KILL_AT")
+    if not spec:
+        return None
+    n, _, phase = spec.partition(":")
+    if int(n) != save_index:
+        return None
+    if phase == "during":
+        def watch():
+            while True:
+                if any("tmp" in p.name for p in directory.glob("*")):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.0005)
+
+        threading.Thread(target=watch, daemon=True).start()
+    elif phase == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return phase
+
+
 class StageCheckpointer:
     """Saves and restores one stage's state under ``root/<stage>``."""
 
@@ -65,12 +92,18 @@ class StageCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    saves = 0  # saves in this process, for the fault-injection hook
+
     def save(self, step: int, state: Any, meta: dict) -> None:
         ocp = self._ocp
+        StageCheckpointer.saves += 1
+        phase = _fault_injection(self.directory, StageCheckpointer.saves)
         leaves = state_leaves(state)
         meta = {**meta, "stage": self.stage, "step": int(step), "leaves": leaf_specs(leaves)}
         self.manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True)
+        if phase is not None:  # "after" (or a "during" watcher that lost the race)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def read_meta(self, step: int) -> dict:
         ocp = self._ocp
@@ -101,6 +134,14 @@ class StageCheckpointer:
             state=ocp.args.StandardRestore(abstract))).state
         treedef = jax.tree_util.tree_structure(target)
         return jax.tree_util.tree_unflatten(treedef, [restored[n] for n in want])
+
+    def load_leaves(self, step: int) -> dict[str, np.ndarray]:
+        """Every saved leaf of ``step`` as {name: array}, without a target state."""
+        ocp = self._ocp
+        specs = self.read_meta(step)["leaves"]
+        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for n, (s, d) in specs.items()}
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        return {n: np.asarray(state[n]) for n in specs}
 
     def close(self) -> None:
         self.manager.close()

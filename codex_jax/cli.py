@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop right after the checkpoint at STAGE:STEP (e.g. sft:40); resume later")
     run.set_defaults(func=cmd_run)
 
+    from codex_jax import audit
+
+    audit.add_parser(sub)
+
     smp = sub.add_parser("sample", help="print samples from a saved stage")
     smp.add_argument("--run", default="runs/latest", help="run directory")
     smp.add_argument("--stage", choices=("M0", "M1", "M2"), default="M2")

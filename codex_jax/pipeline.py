@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -91,6 +92,7 @@ class Runner:
     log: Callable[[dict], None] | None = None
     progress: bool = True
     stop_after: tuple[str, int] | None = None  # (stage label, step)
+    sync: Callable[[], None] | None = None  # makes logged records durable (before each save)
 
     def guard(self, label: str) -> Callable[[list[dict], Any], None]:
         limit = self.cfg.max_consecutive_skips
@@ -128,12 +130,20 @@ class Runner:
                     state, data, key, total_steps=total, log_every=log_every, step_fn=step_fn,
                     select_fn=select_fn, label=label, log=self.log, show=show, progress=self.progress,
                     checkpoint_every=self.cfg.checkpoint_every,
-                    on_checkpoint=(lambda st: ckpt.save(int(st.step), st, meta)) if ckpt else None,
+                    on_checkpoint=(lambda st: self.save(ckpt, st, meta)) if ckpt else None,
                     stop_after=stop, check=self.guard(label))
         finally:
             if ckpt is not None:
                 ckpt.close()
         return state
+
+
+    def save(self, ckpt: StageCheckpointer, state: Any, meta: dict) -> None:
+        # records up to this step must be on disk before the checkpoint that makes a
+        # resume skip them, or a crash would lose them for good
+        if self.sync is not None:
+            self.sync()
+        ckpt.save(int(state.step), state, meta)
 
 
 def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runner: Runner | None = None) -> dict:
@@ -304,8 +314,12 @@ def run_pipeline(
         def log(rec: dict) -> None:
             fh.write(json.dumps(rec) + "\n")
 
+        def sync() -> None:
+            fh.flush()
+            os.fsync(fh.fileno())
+
         runner = Runner(cfg=cfg, checkpoints=out / "checkpoints", log=log, progress=progress,
-                        stop_after=stop_after)
+                        stop_after=stop_after, sync=sync)
         results = run_stages(enc, tokenizer, cfg, runner)
 
     fingerprints = {name: artifacts.fingerprint(p) for name, p in results["params"].items()}

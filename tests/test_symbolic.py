@@ -45,7 +45,7 @@ def test_gradient_pretraining_reaches_the_exact_solution():
     data = lm.make_data(ids, mask, cfg.batch_size, eps)
     exact = lm.fit_exact(jax.random.PRNGKey(0), cfg, fam, data)
     state = lm.init(jax.random.PRNGKey(0), cfg, fam)
-    state, _ = loop.train(state, data, jax.random.PRNGKey(4), num_steps=cfg.steps, log_every=cfg.log_every,
+    state, _ = loop.train(state, data, jax.random.PRNGKey(4), total_steps=cfg.steps, log_every=cfg.log_every,
                           step_fn=lm.step, select_fn=lm.select_batch, label="pretrain", progress=False)
     err = np.max(np.abs(jax.nn.softmax(state.params["logits"]) - jax.nn.softmax(exact.params["logits"])))
     assert err <= 1e-3, err
@@ -92,7 +92,7 @@ def test_reward_model_recovers_a_planted_direction():
     fam = symbolic.unigram_family(vocab)
     cfg = RewardConfig(steps=400, batch_size=128, l2=1e-4, log_every=100)
     state = reward.init(jax.random.PRNGKey(6), cfg, fam)
-    state, _ = loop.train(state, train, jax.random.PRNGKey(7), num_steps=cfg.steps, log_every=cfg.log_every,
+    state, _ = loop.train(state, train, jax.random.PRNGKey(7), total_steps=cfg.steps, log_every=cfg.log_every,
                           step_fn=reward.step, select_fn=reward.select_batch, label="reward", progress=False)
     acc = float(reward.evaluate(state.params, fam, held)["accuracy"])
     assert acc >= 0.95, acc
@@ -140,7 +140,7 @@ def test_ppo_converges_to_the_analytic_kl_regularised_optimum(kl_coef):
     state = ppo.init(cfg, fam, ref, ref, rm, penalty)
     optimum = symbolic.kl_regularised_optimum(ref["logits"], rm["w"], penalty, kl_coef)
     start_tv = float(symbolic.total_variation(state.policy["logits"], optimum))
-    state, records = loop.train(state, data, jax.random.PRNGKey(11), num_steps=cfg.iterations,
+    state, records = loop.train(state, data, jax.random.PRNGKey(11), total_steps=cfg.iterations,
                                 log_every=cfg.log_every, step_fn=ppo.step, select_fn=ppo.select_batch,
                                 label="ppo", progress=False)
     tv = float(symbolic.total_variation(state.policy["logits"], optimum))
@@ -205,7 +205,7 @@ def test_chunked_training_is_bitwise_equal_to_one_chunk():
     cfg = LMConfig(steps=12, batch_size=8, log_every=12)
     data = lm.make_data(ids, mask, cfg.batch_size)
     run = lambda every: loop.train(lm.init(jax.random.PRNGKey(0), cfg, fam), data, jax.random.PRNGKey(18),  # noqa: E731
-                                   num_steps=12, log_every=every, step_fn=lm.step, select_fn=lm.select_batch,
+                                   total_steps=12, log_every=every, step_fn=lm.step, select_fn=lm.select_batch,
                                    label="sft", progress=False)[0]
     one, chunked = run(12), run(5)
     chex.assert_trees_all_equal(one.params, chunked.params)

@@ -1,0 +1,169 @@
+"""Checkpoints and exact resume: N steps straight == k steps, save, restore, N - k steps,
+bitwise, for every stage; SIGKILL during checkpoint writes; mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codex_jax import lm, loop, symbolic
+from codex_jax.checkpoint import CheckpointError, StageCheckpointer
+from codex_jax.config import LMConfig, from_dict, PipelineConfig
+from codex_jax.data import load_dataset
+from codex_jax.pipeline import run_pipeline
+
+from conftest import write_dataset
+
+STEPS = {"pretrain": 6, "sft": 6, "reward": 6, "ppo": 6}
+RESUME_CONFIG = {
+    "checkpoint_every": 2,
+    "tokenizer": {"max_size": 64},
+    "data": {"context_len": 8},
+    "pretrain": {"mode": "gradient", "steps": 6, "batch_size": 2, "log_every": 2, "smoothing": 0.1},
+    "sft": {"steps": 6, "batch_size": 2, "log_every": 2},
+    "reward": {"steps": 6, "batch_size": 2, "log_every": 2},
+    "ppo": {"iterations": 6, "rollouts": 8, "response_len": 4, "minibatches": 2, "ptx_batch_size": 2,
+            "log_every": 2, "ptx_coef": 0.1},
+}
+LABELS = ("pretrain", "sft", "reward", "ppo")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = write_dataset(root / "data")
+    cfg_path = root / "resume.json"
+    cfg_path.write_text(json.dumps(RESUME_CONFIG))
+    cfg = from_dict(PipelineConfig, RESUME_CONFIG)
+    straight = root / "straight"
+    run_pipeline(load_dataset(data), cfg, straight, progress=False)
+    return {"root": root, "data": data, "cfg": cfg, "cfg_path": cfg_path, "straight": straight}
+
+
+def final_leaves(run: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every stage's final checkpointed state: params, optimiser state, step, controller."""
+    out = {}
+    for label in LABELS:
+        ckpt = StageCheckpointer(run / "checkpoints", label)
+        out[label] = ckpt.load_leaves(STEPS[label])
+        ckpt.close()
+    return out
+
+
+def assert_same_run(a: pathlib.Path, b: pathlib.Path) -> None:
+    fa = json.loads((a / "summary.json").read_text())["fingerprints"]
+    fb = json.loads((b / "summary.json").read_text())["fingerprints"]
+    assert fa == fb
+    la, lb = final_leaves(a), final_leaves(b)
+    for label in LABELS:
+        assert la[label].keys() == lb[label].keys()
+        assert any("opt_state" in k for k in la[label])
+        for name in la[label]:
+            np.testing.assert_array_equal(la[label][name], lb[label][name], err_msg=f"{label}/{name}")
+    ma = (a / "metrics.jsonl").read_text().splitlines()
+    mb = (b / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in ma] == [json.loads(x) for x in mb]
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_stop_and_resume_in_process_is_bitwise_identical_for_every_stage(tiny, k):
+    out = tiny["root"] / f"inproc_{k}"
+    ds = load_dataset(tiny["data"])
+    for label in LABELS:  # stop inside every stage in turn, resuming each time
+        with pytest.raises(loop.StopRequested):
+            run_pipeline(ds, tiny["cfg"], out, progress=False, resume=label != "pretrain",
+                         stop_after=(label, k))
+    run_pipeline(ds, tiny["cfg"], out, progress=False, resume=True)
+    assert_same_run(tiny["straight"], out)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "codex_jax.cli", *args], capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ks", [(2, 5, 1, 3), (5, 1, 4, 2)])
+def test_resume_in_fresh_processes_is_bitwise_identical(tiny, ks):
+    """Each stage stops at its own k; every resume is a new process."""
+    out = tiny["root"] / f"fresh_{'_'.join(map(str, ks))}"
+    first = _cli("run", "--data", str(tiny["data"]), "--out", str(out), "--config", str(tiny["cfg_path"]),
+                 "--quiet", "--stop-after", f"pretrain:{ks[0]}")
+    assert first.returncode == 0, first.stderr
+    for label, k in zip(LABELS[1:], ks[1:]):
+        proc = _cli("run", "--resume", str(out), "--quiet", "--stop-after", f"{label}:{k}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"{label} stopped after step {k}" in proc.stderr
+    proc = _cli("run", "--resume", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(tiny["straight"], out)
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_resumes_to_the_same_result(tiny):
+    """Checkpoints every step; the process SIGKILLs itself before, during (orbax's
+    temporary directory exists) and after chosen saves.  Each resume starts from the
+    last complete checkpoint and the final result is bitwise the uninterrupted one."""
+    cfg = {**RESUME_CONFIG, "checkpoint_every": 1}
+    cfg_path = tiny["root"] / "every_step.json"
+    cfg_path.write_text(json.dumps(cfg))
+    ref = tiny["root"] / "kill_ref"
+    assert _cli("run", "--data", str(tiny["data"]), "--out", str(ref), "--config", str(cfg_path),
+                "--quiet").returncode == 0
+    out = tiny["root"] / "killed"
+    # (n-th save of that process, phase): 24 saves in all (6 per stage)
+    kill_points = [(3, "during"), (2, "before"), (5, "during"), (1, "after"), (4, "during"),
+                   (6, "during"), (2, "after"), (7, "during")]
+    killed, torn = 0, 0
+    for n, phase in kill_points:
+        args = (["--resume", str(out)] if (out / "run.json").exists()
+                else ["--data", str(tiny["data"]), "--out", str(out), "--config", str(cfg_path)])
+        env = {**os.environ, "CODEX_JAX_KILL_AT": f"{n}:{phase}"}
+        proc = _cli("run", "--quiet", *args, env=env)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        killed += 1
+        torn += sum(1 for p in (out / "checkpoints").glob("*/*") if "tmp" in p.name)
+    print(f"kill points tried: {killed}; torn checkpoint directories left by a kill: {torn}")
+    assert killed >= 6 and torn >= 1
+    final = _cli("run", "--resume", str(out), "--quiet")
+    assert final.returncode == 0, final.stderr
+    assert_same_run(ref, out)
+
+
+def test_restoring_a_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    cfg = LMConfig(steps=2, batch_size=2)
+    small = lm.init(jax.random.key(0), cfg, symbolic.unigram_family(10))
+    ckpt = StageCheckpointer(tmp_path, "sft")
+    ckpt.save(1, small, {"config_hash": "h"})
+    bigger = lm.init(jax.random.key(0), cfg, symbolic.unigram_family(12))
+    with pytest.raises(CheckpointError, match=r"params\.logits has shape \(10,\).*expects shape \(12,\)"):
+        ckpt.restore(1, bigger, expect={"config_hash": "h"})
+    with pytest.raises(CheckpointError, match="config_hash differs"):
+        ckpt.restore(1, small, expect={"config_hash": "other"})
+    as_f16 = small.replace(params={"logits": small.params["logits"].astype(jnp.float16)})
+    with pytest.raises(CheckpointError, match="dtype float32, this run expects shape .* dtype float16"):
+        ckpt.restore(1, as_f16)
+    restored = ckpt.restore(1, small, expect={"config_hash": "h"})
+    chex.assert_trees_all_equal(restored, small)
+    ckpt.close()
+
+
+def test_fresh_run_discards_stale_checkpoints(tiny):
+    """A non-resume run into an old run directory must not restore the old states."""
+    out = tiny["root"] / "stale"
+    ds = load_dataset(tiny["data"])
+    run_pipeline(ds, tiny["cfg"].__class__(**{**tiny["cfg"].__dict__, "seed": 5}), out, progress=False)
+    run_pipeline(ds, tiny["cfg"], out, progress=False)
+    assert_same_run(tiny["straight"], out)
