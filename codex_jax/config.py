@@ -133,7 +133,7 @@ class RewardConfig:
         _check_int(self, "log_every", minimum=1)
 
 
-DEFAULT_UNSAFE_TOKENS = ("system", "eval", "exec", "rmtree", "popen", "__import__", "unlink")
+DEFAULT_UNSAFE_TOKENS = ("system", "eval", "exec", "rmtree", "popen", "__import__", "unlink", "shell")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,6 +159,10 @@ class PPOConfig:
     gamma: float = 0.0
     gae_lambda: float = 1.0
     whiten_advantages: bool = True
+    whiten_rewards: bool = False  # scale RM scores by their batch std (no mean shift)
+    vf_coef: float = 0.1  # weight of the clipped value loss (families with a critic)
+    value_clip: float = 0.2
+    no_eos_penalty: float = 0.0  # subtracted from responses that end without EOS
     temperature: float = 1.0
     ptx_coef: float = 0.0  # alpha of PPO-ptx: weight of L_SFT on demonstrations
     ptx_batch_size: int = 32
@@ -181,6 +185,10 @@ class PPOConfig:
         _check_float(self, "gamma", low=0.0, high=1.0)
         _check_float(self, "gae_lambda", low=0.0, high=1.0)
         _check_bool(self, "whiten_advantages")
+        _check_bool(self, "whiten_rewards")
+        _check_float(self, "vf_coef", low=0.0)
+        _check_float(self, "value_clip", low=0.0, low_open=True)
+        _check_float(self, "no_eos_penalty", low=0.0)
         _check_float(self, "temperature", low=0.0, low_open=True)
         _check_float(self, "ptx_coef", low=0.0)
         _check_float(self, "safety_penalty", low=0.0)
@@ -201,6 +209,39 @@ class PPOConfig:
     @property
     def minibatch_size(self) -> int:
         return self.rollouts // self.minibatches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """A small decoder-only transformer (``model = "transformer"``)."""
+
+    layers: int = 2
+    d_model: int = 128
+    heads: int = 4
+    mlp_ratio: int = 4
+    context_len: int = 256  # longest prompt + response the model attends over
+    positions: str = "rotary"  # "rotary" | "learned"
+    dtype: str = "float32"  # activations: "float32" | "bfloat16" (params stay float32)
+    top_k: int = 0  # sampling: 0 disables
+    top_p: float = 1.0  # sampling: nucleus mass; 1 disables
+
+    def __post_init__(self):
+        for name in ("layers", "d_model", "heads", "mlp_ratio"):
+            _check_int(self, name, minimum=1)
+        _check_int(self, "context_len", minimum=2)
+        _check_int(self, "top_k", minimum=0)
+        _check_float(self, "top_p", low=0.0, high=1.0, low_open=True)
+        _check_choice(self, "positions", ("rotary", "learned"))
+        _check_choice(self, "dtype", ("float32", "bfloat16"))
+        if self.d_model % self.heads:
+            raise ConfigError(f"TransformerConfig.heads must divide d_model ({self.d_model}), got {self.heads!r}")
+        if self.positions == "rotary" and (self.d_model // self.heads) % 2:
+            raise ConfigError(f"TransformerConfig.heads: rotary positions need an even head size, "
+                              f"got d_model/heads = {self.d_model // self.heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

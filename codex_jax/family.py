@@ -36,6 +36,12 @@ class Family(NamedTuple):
     fit_exact: Optional[Callable[..., Params]] = None
     # (policy, ref, reward, penalty [V], demo_counts [V], response_len, kl_coef) -> exact terms
     exact_objective: Optional[Callable[..., dict]] = None
+    # critic (None: critic-free PPO, whitening supplies the baseline) -----------
+    init_value: Optional[Callable[..., Params]] = None  # (key) -> params
+    # (params, prompt, prompt_mask, response) -> value before emitting response_t, [B, T]
+    values: Optional[Callable[..., Any]] = None
+    # responses end at this id (masked after it); None: fixed-length responses
+    eos_id: Optional[int] = None
 
 
 def reward_score(family: Family, params, prompt, prompt_mask, response, response_mask):

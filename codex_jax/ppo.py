@@ -1,10 +1,13 @@
 """RLHF stage (M2): PPO against the reward model, KL-regularised to a reference.
 
 One ``step`` is one whole PPO iteration, compiled as a single function:
-rollout -> old / reference log-probs -> per-token rewards
+rollout -> old / reference log-probs (+ critic values) -> per-token rewards
     r_t = RM_t - s[y_t] - kl_coef * (log pi_old(y_t) - log pi_ref(y_t))
--> GAE -> whitening -> ``epochs`` x ``minibatches`` clipped-surrogate updates
-(+ optional PPO-ptx term on demonstrations) -> KL-controller update.
+(RM_t is the sequence score on the last valid token, or per token for bag-of-words;
+responses of families with ``eos_id`` end at their first EOS, and ``no_eos_penalty``
+is charged to those that never emit it) -> GAE -> whitening -> ``epochs`` x
+``minibatches`` updates of the clipped surrogate (+ clipped value loss, + optional
+PPO-ptx term on demonstrations) -> KL-controller update.
 
 data  = {"prompt": int32 [N, P], "prompt_mask": [N, P],          # prompt pool
          "ptx_tokens": int32 [M, L], "ptx_mask": f32 [M, L]}      # demonstrations
@@ -29,6 +32,7 @@ from codex_jax.updates import apply_gradients
 @struct.dataclass
 class PPOState:
     policy: Any  # trained
+    value: Any  # trained critic (None for critic-free families)
     ref: Any  # frozen reference policy for the KL penalty
     reward: Any  # frozen reward model
     penalty: jax.Array  # f32 [V] rule-based safety penalty per token id
@@ -41,15 +45,17 @@ class PPOState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def init(cfg: PPOConfig, family: Family, policy, ref, reward, penalty) -> PPOState:
+def init(cfg: PPOConfig, family: Family, policy, ref, reward, penalty, value=None) -> PPOState:
+    """``value``: critic params (e.g. ``family.init_value(key)``); None trains critic-free."""
     tx = make_optimizer(cfg.optim, cfg.iterations * cfg.epochs * cfg.minibatches)
     return PPOState(
         policy=policy,
+        value=value,
         ref=ref,
         reward=reward,
         penalty=jnp.asarray(penalty, jnp.float32),
         kl_coef=jnp.asarray(cfg.kl_coef, jnp.float32),
-        opt_state=tx.init(policy),
+        opt_state=tx.init({"policy": policy, "value": value}),
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
         family=family,
@@ -78,19 +84,35 @@ def select_batch(state: PPOState, data: dict, key: jax.Array) -> dict:
     }
 
 
+def response_mask(response: jax.Array, eos_id: int | None) -> jax.Array:
+    """1 up to and including the first EOS (all ones without an EOS id).  -> f32 [B, T]."""
+    if eos_id is None:
+        return jnp.ones(response.shape, jnp.float32)
+    is_eos = (response == eos_id).astype(jnp.int32)
+    before = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS seen strictly before t
+    return (before == 0).astype(jnp.float32)
+
+
 def rollout(state: PPOState, batch: dict, key: jax.Array) -> dict:
     """Samples responses and everything the update needs; no gradients flow here."""
     cfg, fam = state.cfg, state.family
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
     response = fam.sample(state.policy, key, prompt, pmask, cfg.response_len, cfg.temperature)
-    mask = jnp.ones(response.shape, jnp.float32)  # fixed-length responses
-    old_logp = fam.response_logprobs(state.policy, prompt, pmask, response, cfg.temperature)
-    ref_logp = fam.response_logprobs(state.ref, prompt, pmask, response, cfg.temperature)
+    mask = response_mask(response, fam.eos_id)
+    old_logp = fam.response_logprobs(state.policy, prompt, pmask, response, cfg.temperature) * mask
+    ref_logp = fam.response_logprobs(state.ref, prompt, pmask, response, cfg.temperature) * mask
     rm = fam.reward_token_scores(state.reward, prompt, pmask, response, mask)  # [B, T]
+    if cfg.whiten_rewards:
+        rm = rm * jax.lax.rsqrt(kernels.masked_var(rm.sum(-1), jnp.ones(rm.shape[:1])) + kernels.EPS)
+    last = (jnp.arange(mask.shape[-1]) == mask.sum(-1, keepdims=True) - 1).astype(jnp.float32)
+    if fam.eos_id is not None and cfg.no_eos_penalty:
+        no_eos = 1.0 - jnp.any((response == fam.eos_id) & (mask > 0), axis=-1, keepdims=True)
+        rm = rm - cfg.no_eos_penalty * no_eos * last
     safety = state.penalty[response] * mask
-    kl = (old_logp - ref_logp) * mask
+    kl = old_logp - ref_logp
     rewards = rm - safety - state.kl_coef * kl
-    values = jnp.zeros_like(rewards)  # critic-free: whitening supplies the baseline
+    values = (fam.values(state.value, prompt, pmask, response) * mask if state.value is not None
+              else jnp.zeros_like(rewards))  # critic-free: whitening supplies the baseline
     advantages, returns = jax.vmap(kernels.gae, in_axes=(0, 0, 0, None, None))(
         rewards, values, mask, cfg.gamma, cfg.gae_lambda
     )
@@ -99,24 +121,36 @@ def rollout(state: PPOState, batch: dict, key: jax.Array) -> dict:
     return {
         "prompt": prompt, "prompt_mask": pmask, "response": response, "mask": mask,
         "old_logp": jax.lax.stop_gradient(old_logp),
+        "old_values": jax.lax.stop_gradient(values),
+        "returns": jax.lax.stop_gradient(returns),
         "advantages": jax.lax.stop_gradient(advantages),
         "stats": {
             "rm_score": jnp.mean(rm.sum(-1)),
             "safety_penalty": jnp.mean(safety.sum(-1)),
             "kl": jnp.mean(kl.sum(-1)),  # sampled KL(pi || ref) per response
             "return": jnp.mean(returns[:, 0]),
+            "response_len": jnp.mean(mask.sum(-1)),
         },
     }
 
 
-def loss_fn(policy: Any, state: PPOState, mb: dict, ptx: dict) -> tuple[jax.Array, dict]:
+def loss_fn(trainable: dict, state: PPOState, mb: dict, ptx: dict) -> tuple[jax.Array, dict]:
+    """Clipped surrogate + vf_coef * clipped value loss + ptx_coef * L_SFT."""
     cfg, fam = state.cfg, state.family
+    policy = trainable["policy"]
     logp = fam.response_logprobs(policy, mb["prompt"], mb["prompt_mask"], mb["response"],
                                  cfg.temperature)
     pg_loss, metrics = kernels.clipped_surrogate(logp, mb["old_logp"], mb["advantages"],
                                                  mb["mask"], cfg.clip)
     ptx_loss = kernels.masked_mean(fam.token_nll(policy, ptx["ptx_tokens"], 0.0), ptx["ptx_mask"])
     loss = pg_loss + cfg.ptx_coef * ptx_loss
+    if trainable["value"] is not None:
+        v = fam.values(trainable["value"], mb["prompt"], mb["prompt_mask"], mb["response"])
+        v_clipped = mb["old_values"] + jnp.clip(v - mb["old_values"], -cfg.value_clip, cfg.value_clip)
+        vf = 0.5 * jnp.maximum(jnp.square(v - mb["returns"]), jnp.square(v_clipped - mb["returns"]))
+        value_loss = kernels.masked_mean(vf, mb["mask"])
+        loss = loss + cfg.vf_coef * value_loss
+        metrics = {**metrics, "value_loss": value_loss}
     return loss, {**metrics, "pg_loss": pg_loss, "ptx_loss": ptx_loss}
 
 
@@ -134,23 +168,24 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
     k_sample, k_shuffle = jax.random.split(key)
     roll = rollout(state, batch, k_sample)
     ptx = {"ptx_tokens": batch["ptx_tokens"], "ptx_mask": batch["ptx_mask"]}
-    fields = ("prompt", "prompt_mask", "response", "mask", "old_logp", "advantages")
+    fields = ("prompt", "prompt_mask", "response", "mask", "old_logp", "old_values", "returns", "advantages")
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def minibatch_update(carry, idx):
-        policy, opt_state, skipped = carry
+        trainable, opt_state, skipped = carry
         mb = {name: roll[name][idx] for name in fields}
-        grads, metrics = grad_fn(policy, state, mb, ptx)
-        policy, opt_state, ok = apply_gradients(state.tx, policy, opt_state, grads)
-        return (policy, opt_state, skipped + 1 - ok.astype(jnp.int32)), metrics
+        grads, metrics = grad_fn(trainable, state, mb, ptx)
+        trainable, opt_state, ok = apply_gradients(state.tx, trainable, opt_state, grads)
+        return (trainable, opt_state, skipped + 1 - ok.astype(jnp.int32)), metrics
 
     def epoch(carry, epoch_key):
         perm = jax.random.permutation(epoch_key, cfg.rollouts)
         return jax.lax.scan(minibatch_update, carry, perm.reshape(cfg.minibatches, -1))
 
     epoch_keys = jax.random.split(k_shuffle, cfg.epochs)
-    (policy, opt_state, skipped), mb_metrics = jax.lax.scan(
-        epoch, (state.policy, state.opt_state, state.skipped), epoch_keys
+    start = {"policy": state.policy, "value": state.value}
+    (trainable, opt_state, skipped), mb_metrics = jax.lax.scan(
+        epoch, (start, state.opt_state, state.skipped), epoch_keys
     )
     kl_coef = update_kl_coef(cfg, state.kl_coef, roll["stats"]["kl"])
     kl_skip = jnp.asarray(False)
@@ -158,7 +193,7 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
         # the KL guard in "skip" mode drops this iteration's update (host never syncs)
         kl_skip = roll["stats"]["kl"] > cfg.max_kl
         keep = lambda new, old: jnp.where(kl_skip, old, new)  # noqa: E731
-        policy = jax.tree_util.tree_map(keep, policy, state.policy)
+        trainable = jax.tree_util.tree_map(keep, trainable, start)
         opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
         kl_coef = jnp.where(kl_skip, state.kl_coef, kl_coef)
     metrics = {
@@ -168,7 +203,8 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
         "skipped": skipped - state.skipped,
         "kl_skipped": kl_skip.astype(jnp.int32),
     }
-    new = state.replace(policy=policy, opt_state=opt_state, kl_coef=kl_coef,
+    new = state.replace(policy=trainable["policy"], value=trainable["value"], opt_state=opt_state,
+                        kl_coef=kl_coef,
                         step=state.step + 1, skipped=skipped)
     return new, metrics
 

@@ -144,3 +144,17 @@ def test_apply_gradients_skips_non_finite_updates():
     new_p, _, ok = apply_gradients(tx, params, state, good)
     assert bool(ok)
     np.testing.assert_allclose(new_p["w"], params["w"] - 0.1, rtol=1e-5)
+
+
+def test_response_mask_ends_at_the_first_eos():
+    from codex_jax.ppo import response_mask
+
+    response = RNG.integers(0, 6, size=(7, 9)).astype(np.int32)
+    got = np.asarray(response_mask(response, 3))
+    for row, m in zip(response, got):
+        expect, seen = [], False
+        for tok in row:
+            expect.append(0.0 if seen else 1.0)
+            seen = seen or tok == 3
+        np.testing.assert_array_equal(m, expect)
+    assert np.all(np.asarray(response_mask(response, None)) == 1)
