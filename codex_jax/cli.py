@@ -91,11 +91,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from codex_jax.family import make_family
     from codex_jax.tokenizer import Tokenizer
 
+    import math
+
+    if args.num < 1 or args.length < 1:
+        raise CodexError(f"--num and --length must be >= 1, got {args.num} and {args.length}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise CodexError(f"--temperature must be a finite number > 0, got {args.temperature}")
     run = pathlib.Path(args.run)
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise CodexError(f"{run}: not a run directory (no config.json)")
-    model = json.loads(cfg_path.read_text())["model"]
+    try:
+        model = json.loads(cfg_path.read_text(encoding="utf-8"))["model"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CodexError(f"{cfg_path}: not a valid run config ({type(err).__name__}: {err})") from None
     tokenizer = Tokenizer.load(run / "vocab.json")
     params = load_params(run / "params" / f"{args.stage}.npz")
     family = make_family(model, tokenizer.vocab_size)

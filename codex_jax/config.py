@@ -288,6 +288,8 @@ class PipelineConfig:
 
     def __post_init__(self):
         _check_int(self, "seed", minimum=0)
+        if self.seed >= 2**32:  # jax.random.key keeps 32 bits: larger seeds would collide
+            raise ConfigError(f"PipelineConfig.seed must be < 2**32, got {self.seed!r}")
         _check_int(self, "checkpoint_every", minimum=0)
         _check_int(self, "max_consecutive_skips", minimum=1)
         _check_choice(self, "model", ("unigram",))
@@ -322,7 +324,7 @@ def from_dict(cls: type, data: Any, path: str = "", base: Any = None) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        dotted = ", ".join(f"{path + '.' if path else ''}{k}" for k in unknown)
+        dotted = ", ".join(repr(f"{path + '.' if path else ''}{k}") for k in unknown)
         raise ConfigError(f"unknown config key(s): {dotted}")
     kwargs = {}
     for name, value in data.items():
@@ -334,8 +336,12 @@ def from_dict(cls: type, data: Any, path: str = "", base: Any = None) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{dotted} must be a list of strings, got {value!r}")
             kwargs[name] = tuple(value)
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[name] = float(value)
+        elif hint in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
+            try:  # 1 and 1.0 must give the same config (and config hash)
+                kwargs[name] = float(value)
+            except OverflowError:
+                raise ConfigError(f"{dotted} must be a finite number, got an integer of "
+                                  f"{len(str(value))} digits") from None
         else:
             kwargs[name] = value
     try:
@@ -357,7 +363,7 @@ def load_config(path: str | pathlib.Path | None, **overrides: Any) -> PipelineCo
                 data = json.loads(raw.decode("utf-8"))
             else:
                 data = tomllib.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
             raise ConfigError(f"{path}: cannot parse config: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a table/object")

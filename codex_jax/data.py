@@ -145,21 +145,21 @@ def _check_record(path: Path, lineno: int, obj: object, fields: tuple[str, ...])
         raise DataError(f"{where}: expected a JSON object, got {_json_type(obj)}")
     for name in fields:
         if name not in obj:
-            raise DataError(f"{where}: field '{name}': missing (expected fields: {', '.join(fields)})")
+            raise DataError(f"{where}: field {name!r}: missing (expected fields: {', '.join(fields)})")
         value = obj[name]
         if not isinstance(value, str):
-            raise DataError(f"{where}: field '{name}': expected a string, got {_json_type(value)}")
+            raise DataError(f"{where}: field {name!r}: expected a string, got {_json_type(value)}")
         if not value.strip():
             kind = "empty string" if not value else "whitespace-only string"
-            raise DataError(f"{where}: field '{name}': {kind}; must be non-empty text")
+            raise DataError(f"{where}: field {name!r}: {kind}; must be non-empty text")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             # A lone "\udXXX" escape is valid JSON but not encodable text.
-            raise DataError(f"{where}: field '{name}': contains an unpaired surrogate escape") from None
+            raise DataError(f"{where}: field {name!r}: contains an unpaired surrogate escape") from None
     if len(obj) != len(fields):
         extra = next(k for k in obj if k not in fields)
-        raise DataError(f"{where}: field '{extra}': unknown field (expected fields: {', '.join(fields)})")
+        raise DataError(f"{where}: field {extra!r}: unknown field (expected fields: {', '.join(fields)})")
     return {name: obj[name] for name in fields}
 
 
@@ -197,7 +197,7 @@ def read_jsonl(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict[st
         try:
             obj = json.loads(line, object_pairs_hook=_no_duplicates)
         except _DuplicateKey as e:
-            raise DataError(f"{path}:{lineno}: field '{e.args[0]}': appears more than once") from None
+            raise DataError(f"{path}:{lineno}: field {e.args[0]!r}: appears more than once") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
         except ValueError as e:  # e.g. an integer literal over Python's digit limit
@@ -255,6 +255,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -274,8 +274,11 @@ def read_run_record(out: str | pathlib.Path) -> tuple[PipelineConfig, str]:
     path = pathlib.Path(out) / "run.json"
     if not path.is_file():
         raise CodexError(f"{out}: nothing to resume (no run.json)")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return from_dict(PipelineConfig, record["config"]), record["data_source"]
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return from_dict(PipelineConfig, record["config"]), str(record["data_source"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CodexError(f"{path}: not a valid run record ({type(err).__name__}: {err})") from None
 
 
 def run_pipeline(
@@ -294,9 +297,11 @@ def run_pipeline(
     checkpoint at that step (raises ``loop.StopRequested``).
     """
     t_start = time.perf_counter()
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CodexError(f"{out}: the output path exists and is not a directory")
     tokenizer, enc = prepare(dataset, cfg)  # raises before anything is written
     hashes = data_hashes(enc)
-    out = pathlib.Path(out_dir)
     record = {"config": cfg.to_dict(), "data_source": dataset.source, "data_hash": hashes}
     if resume:
         old = json.loads((out / "run.json").read_text(encoding="utf-8"))
