@@ -98,7 +98,10 @@ class BPEConfig:
             raise ConfigError(f"BPEConfig.vocab_size must be an int in [{MIN_VOCAB_SIZE}, {_INT32_MAX}] "
                               f"(4 special tokens + 256 byte tokens at least), got {self.vocab_size!r}")
         if not _is_int(self.min_frequency) or not 1 <= self.min_frequency <= _INT32_MAX:
-            raise ConfigError(f"BPEConfig.min_frequency must be an int >= 1, got {self.min_frequency!r}")
+            raise ConfigError(f"BPEConfig.min_frequency must be an int in [1, {_INT32_MAX}], "
+                              f"got {self.min_frequency!r}")
+        for name in ("vocab_size", "min_frequency"):  # np.int64 -> int, so to_json() can serialise it
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 def _check_text(text: object, what: str) -> str:
@@ -288,11 +291,12 @@ class BPETokenizer:
             _check_text(text, f"text {i}")
         if not texts:
             return []
-        batch = getattr(self._hf_tok, "encode_batch_fast", None) or self._hf_tok.encode_batch
-        try:
-            encs = batch(texts, add_special_tokens=False)
-        except TypeError:  # HF's error for a str that is not valid UTF-8
+        try:  # some tokenizers versions raise on lone surrogates, others drop them silently
+            "".join(texts).encode("utf-8")
+        except UnicodeEncodeError:
             raise _surrogate_error(texts, "text") from None
+        batch = getattr(self._hf_tok, "encode_batch_fast", None) or self._hf_tok.encode_batch  # fast: >= 0.21
+        encs = batch(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
     def encode_batch(self, texts: Sequence[str], *, max_len: int | None = None, add_bos: bool = False,

@@ -88,8 +88,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from codex_jax.artifacts import load_params
+    from codex_jax.config import PipelineConfig, from_dict
     from codex_jax.family import make_family
-    from codex_jax.tokenizer import Tokenizer
+    from codex_jax.tokenizer import BOS_ID, Tokenizer
 
     import math
 
@@ -102,14 +103,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not cfg_path.is_file():
         raise CodexError(f"{run}: not a run directory (no config.json)")
     try:
-        model = json.loads(cfg_path.read_text(encoding="utf-8"))["model"]
+        cfg = from_dict(PipelineConfig, json.loads(cfg_path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CodexError(f"{cfg_path}: not a valid run config ({type(err).__name__}: {err})") from None
-    tokenizer = Tokenizer.load(run / "vocab.json")
+    if cfg.model == "transformer":
+        from codex_jax.bpe import BPETokenizer
+
+        tokenizer = BPETokenizer.load(run / "vocab.json")
+    else:
+        tokenizer = Tokenizer.load(run / "vocab.json")
     params = load_params(run / "params" / f"{args.stage}.npz")
-    family = make_family(model, tokenizer.vocab_size)
-    prompt = jnp.zeros((args.num, 1), jnp.int32)
-    out = family.sample(params, jax.random.PRNGKey(args.seed), prompt, jnp.ones_like(prompt),
+    family = make_family(cfg.model, tokenizer.vocab_size,
+                         cfg.transformer if cfg.model == "transformer" else None)
+    prompt = jnp.full((args.num, 1), BOS_ID, jnp.int32)
+    out = family.sample(params, jax.random.key(args.seed), prompt, jnp.ones_like(prompt),
                         args.length, args.temperature)
     for row in jax.device_get(out):
         print(tokenizer.decode(row.tolist()))
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
     run.add_argument("--config", help="TOML or JSON pipeline config")
     run.add_argument("--seed", type=int, default=None, help="root PRNG seed (overrides the config)")
-    run.add_argument("--model", choices=("unigram",), default=None, help="model family")
+    run.add_argument("--model", choices=("unigram", "transformer"), default=None,
+                     help="model family (default: unigram; 'transformer' takes its own defaults)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--resume", metavar="OUT", help="continue the stopped run in OUT from its checkpoints")
     run.add_argument("--stop-after", metavar="STAGE:STEP",

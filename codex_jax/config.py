@@ -17,6 +17,7 @@ import typing
 from typing import Any
 
 from codex_jax.errors import ConfigError
+from codex_jax.bpe import BPEConfig
 from codex_jax.tokenizer import TokenizerConfig
 
 if sys.version_info >= (3, 11):
@@ -270,6 +271,9 @@ class DataConfig:
             _check_int(self, name, minimum=2)
 
 
+MODELS = ("unigram", "transformer")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     """Everything one ``codex-jax run`` uses; hashed into the manifest."""
@@ -279,7 +283,9 @@ class PipelineConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: stage ends only)
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     data: DataConfig = DataConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()  # the regex tokenizer (unigram model)
+    bpe: BPEConfig = BPEConfig()  # the byte-level BPE tokenizer (transformer model)
+    transformer: TransformerConfig = TransformerConfig()
     pretrain: LMConfig = LMConfig(mode="exact", smoothing=0.1)
     sft: LMConfig = LMConfig(steps=100, batch_size=256, optim=OptimConfig(lr=0.02))
     reward: RewardConfig = RewardConfig()
@@ -292,9 +298,18 @@ class PipelineConfig:
             raise ConfigError(f"PipelineConfig.seed must be < 2**32, got {self.seed!r}")
         _check_int(self, "checkpoint_every", minimum=0)
         _check_int(self, "max_consecutive_skips", minimum=1)
-        _check_choice(self, "model", ("unigram",))
+        _check_choice(self, "model", MODELS)
         if self.sft.mode != "gradient":
             raise ConfigError(f"PipelineConfig.sft.mode must be 'gradient', got {self.sft.mode!r}")
+        if self.model == "transformer":
+            if self.pretrain.mode != "gradient":
+                raise ConfigError("pretrain.mode must be 'gradient' for model 'transformer' "
+                                  f"(only the unigram has a closed form), got {self.pretrain.mode!r}")
+            need = max(self.data.context_len, self.data.max_prompt_len + self.data.max_response_len + 2,
+                       self.data.max_prompt_len + self.ppo.response_len)
+            if self.transformer.context_len < need:
+                raise ConfigError(f"transformer.context_len must be >= {need} (data.context_len, prompt + "
+                                  f"response lengths), got {self.transformer.context_len!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -350,8 +365,39 @@ def from_dict(cls: type, data: Any, path: str = "", base: Any = None) -> Any:
         raise ConfigError(f"{where}: {err}" if path else str(err)) from None
 
 
+def default_config(model: str = "unigram") -> PipelineConfig:
+    """The defaults of each model family.
+
+    The transformer trains every stage with optax on short sequences sized for a
+    2-core CPU run of a few minutes; its PPO follows the InstructGPT recipe
+    (critic, GAE gamma=1 lambda=0.95, adaptive KL, EOS-terminated responses).
+    """
+    if model not in MODELS:
+        raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
+    if model == "unigram":
+        return PipelineConfig()
+    adam = lambda lr, **kw: OptimConfig(lr=lr, grad_clip=1.0, **kw)  # noqa: E731
+    return PipelineConfig(
+        model="transformer",
+        checkpoint_every=50,
+        data=DataConfig(context_len=128, max_prompt_len=48, max_response_len=64),
+        bpe=BPEConfig(vocab_size=4096),
+        transformer=TransformerConfig(layers=2, d_model=128, heads=4, context_len=128),
+        pretrain=LMConfig(mode="gradient", steps=300, batch_size=32, log_every=25,
+                          optim=adam(3e-3, schedule="cosine", warmup_steps=20, final_lr_fraction=0.1)),
+        sft=LMConfig(steps=150, batch_size=32, log_every=25, optim=adam(1e-3, schedule="cosine")),
+        reward=RewardConfig(steps=150, batch_size=32, log_every=25, l2=0.0,
+                            optim=adam(1e-3, schedule="cosine")),
+        ppo=PPOConfig(iterations=20, rollouts=32, response_len=32, epochs=4, minibatches=4,
+                      kl_coef=0.05, kl_target=6.0, kl_horizon=10_000, gamma=1.0, gae_lambda=0.95,
+                      whiten_rewards=True, no_eos_penalty=1.0, ptx_batch_size=8, log_every=5,
+                      optim=adam(1e-4)),
+    )
+
+
 def load_config(path: str | pathlib.Path | None, **overrides: Any) -> PipelineConfig:
-    """Reads a TOML or JSON pipeline config; top-level ``overrides`` win (e.g. seed)."""
+    """Reads a TOML or JSON pipeline config over the model's defaults; top-level
+    ``overrides`` win (e.g. seed, model)."""
     data: dict = {}
     if path is not None:
         path = pathlib.Path(path)
@@ -368,4 +414,7 @@ def load_config(path: str | pathlib.Path | None, **overrides: Any) -> PipelineCo
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a table/object")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-    return from_dict(PipelineConfig, data)
+    model = data.get("model", "unigram")
+    if model not in MODELS:
+        raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
+    return from_dict(PipelineConfig, data, base=default_config(model))

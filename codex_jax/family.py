@@ -8,6 +8,7 @@ P prompt, T response, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 Params = Any
@@ -49,12 +50,21 @@ def reward_score(family: Family, params, prompt, prompt_mask, response, response
     return family.reward_token_scores(params, prompt, prompt_mask, response, response_mask).sum(-1)
 
 
-def make_family(name: str, vocab_size: int) -> Family:
-    """The family called ``name`` over a vocabulary of ``vocab_size`` ids."""
+@functools.lru_cache(maxsize=None)
+def make_family(name: str, vocab_size: int, model_cfg: Any = None) -> Family:
+    """The family called ``name`` over ``vocab_size`` ids (cached: the same arguments give
+    the same object, so jitted functions that take it as static compile once)."""
     if name == "unigram":
         from codex_jax import symbolic
 
         return symbolic.unigram_family(vocab_size)
+    if name == "transformer":
+        from codex_jax import transformer
+        from codex_jax.tokenizer import EOS_ID
+
+        init_value, values = transformer.transformer_value_fns(model_cfg, vocab_size)
+        return transformer.transformer_family(model_cfg, vocab_size)._replace(
+            init_value=init_value, values=values, eos_id=EOS_ID)
     from codex_jax.errors import ConfigError
 
-    raise ConfigError(f"model must be one of ('unigram',), got {name!r}")
+    raise ConfigError(f"model must be one of ('unigram', 'transformer'), got {name!r}")

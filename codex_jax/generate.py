@@ -32,11 +32,13 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
+    ordered = None  # the kept logits in descending order (only what top-p needs)
     if 0 < top_k < vocab:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        ordered = jax.lax.top_k(logits, top_k)[0]
+        logits = jnp.where(logits < ordered[..., -1:], -jnp.inf, logits)
     if top_p < 1.0:
-        ordered = -jnp.sort(-logits, axis=-1)  # descending
+        if ordered is None:  # a full sort only without top-k
+            ordered = -jnp.sort(-logits, axis=-1)
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely ids
         kept = jnp.sum(before < top_p, axis=-1, keepdims=True)  # >= 1

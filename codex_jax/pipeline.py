@@ -63,14 +63,20 @@ def split_pairs(pairs: dict, key: jax.Array, heldout_fraction: float) -> tuple[d
 
 def unsafe_ids(tokenizer: Tokenizer, tokens: tuple[str, ...]) -> list[int]:
     """Ids of the unsafe tokens that are in the vocabulary (lower-cased if it is)."""
-    norm = (lambda t: t.lower()) if tokenizer.config.lowercase else (lambda t: t)
+    lower = getattr(tokenizer.config, "lowercase", False)
+    norm = (lambda t: t.lower()) if lower else (lambda t: t)
     ids = [tokenizer.token_id(norm(t)) for t in tokens]
     return sorted({i for i in ids if i >= 4})
 
 
 def prepare(dataset: Dataset, cfg: PipelineConfig) -> tuple[Tokenizer, EncodedData]:
     """Tokeniser + encoded arrays; all input errors surface here, before any output."""
-    tokenizer = Tokenizer.build(dataset.corpus.texts, cfg.tokenizer)
+    if cfg.model == "transformer":
+        from codex_jax.bpe import BPETokenizer
+
+        tokenizer = BPETokenizer.build(dataset.corpus.texts, cfg.bpe)
+    else:
+        tokenizer = Tokenizer.build(dataset.corpus.texts, cfg.tokenizer)
     return tokenizer, encode_dataset(dataset, tokenizer, cfg.data)
 
 
@@ -150,7 +156,8 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     """Runs M0 -> M1 -> RM -> M2; returns params, metrics, timings and keys."""
     runner = runner or Runner(cfg=cfg, progress=False)
     keys = stage_keys(cfg.seed)
-    family: Family = make_family(cfg.model, enc.vocab_size)
+    family: Family = make_family(cfg.model, enc.vocab_size,
+                                 cfg.transformer if cfg.model == "transformer" else None)
     timings: dict[str, float] = {}
     params: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
@@ -210,16 +217,25 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     qcfg = cfg.ppo
     ref = m0.params if qcfg.reference == "pretrain" else m1.params
     penalty = ppo.penalty_vector(enc.vocab_size, unsafe_ids(tokenizer, qcfg.unsafe_tokens), qcfg.safety_penalty)
-    start_state = ppo.init(qcfg, family, m1.params, ref, rm.params, penalty)
+    k_value, k_train, k_eval = jax.random.split(keys["ppo"], 3)
+    value = family.init_value(k_value) if family.init_value is not None else None
+    start_state = ppo.init(qcfg, family, m1.params, ref, rm.params, penalty, value=value)
     ppo_data = {"prompt": jnp.asarray(enc.prompt), "prompt_mask": jnp.asarray(enc.prompt_mask),
                 "ptx_tokens": demos["tokens"], "ptx_mask": demos["mask"]}
-    m2 = runner.train("ppo", start_state, ppo_data, keys["ppo"], total=qcfg.iterations,
+    m2 = runner.train("ppo", start_state, ppo_data, k_train, total=qcfg.iterations,
                       log_every=qcfg.log_every, step_fn=ppo.step, select_fn=ppo.select_batch,
                       show=("rm_score", "kl", "safety_penalty"), stage_cfg=qcfg)
     params["M2"] = m2.policy
     demo_counts = jnp.bincount(demos["tokens"].ravel(), weights=demos["mask"].ravel(), length=enc.vocab_size)
-    before = _floats(ppo.evaluate(start_state, demo_counts))
-    after = _floats(ppo.evaluate(m2, demo_counts))
+    if family.exact_objective is not None:
+        before = _floats(ppo.evaluate(start_state, demo_counts))
+        after = _floats(ppo.evaluate(m2, demo_counts))
+    else:  # Monte Carlo estimates on the same prompts and sampling keys
+        eval_batch = ppo.select_batch(m2, ppo_data, jax.random.fold_in(k_eval, 0))
+        before = {**_floats(ppo.sampled_objective(start_state, eval_batch, k_eval)),
+                  "L_SFT": _floats(lm.evaluate(start_state.policy, family, demos))["nll"]}
+        after = {**_floats(ppo.sampled_objective(m2, eval_batch, k_eval)),
+                 "L_SFT": _floats(lm.evaluate(m2.policy, family, demos))["nll"]}
     metrics["M2"] = {"reference": qcfg.reference, "final_kl_coef": float(m2.kl_coef),
                      "skipped_updates": int(m2.skipped), "unsafe_token_ids": int((penalty > 0).sum()),
                      "exact_before": before, "exact_after": after}
@@ -227,15 +243,31 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
 
     results = {"params": params, "metrics": metrics, "timings": timings,
                "keys": {k: key_data(v) for k, v in keys.items()}}
-    if after:  # U = alpha L_SFT + beta L_RLHF + gamma Omega, exact for the unigram family
-        o = cfg.objective
-        omega = after["KL"] + after["safety"]
-        results["objective"] = {
-            "L_SFT": after["L_SFT"], "L_RLHF": after["L_RLHF"], "Omega": omega,
-            "U": o.alpha * after["L_SFT"] + o.beta * after["L_RLHF"] + o.gamma * omega,
-            "alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "exact": True,
-        }
+    # U = alpha L_SFT + beta L_RLHF + gamma Omega: exact for the unigram, sampled otherwise
+    o = cfg.objective
+    omega = after["KL"] + after["safety"]
+    results["objective"] = {
+        "L_SFT": after["L_SFT"], "L_RLHF": after["L_RLHF"], "Omega": omega,
+        "U": o.alpha * after["L_SFT"] + o.beta * after["L_RLHF"] + o.gamma * omega,
+        "alpha": o.alpha, "beta": o.beta, "gamma": o.gamma,
+        "exact": family.exact_objective is not None,
+    }
+    results["samples"] = _samples(family, tokenizer, params, ppo_data, keys["data"], qcfg)
     return results
+
+
+def _samples(family: Family, tokenizer, params: dict, ppo_data: dict, key: jax.Array, cfg, n: int = 8) -> list:
+    """A few completions of the same demonstration prompts by M1 and M2 (decoded)."""
+    prompt, pmask = ppo_data["prompt"][:n], ppo_data["prompt_mask"][:n]
+    out = []
+    for stage in ("M1", "M2"):
+        ids = jax.device_get(family.sample(params[stage], jax.random.fold_in(key, 7), prompt, pmask,
+                                           cfg.response_len, 1.0))
+        for i, row in enumerate(ids):
+            p = np.asarray(prompt[i])[np.asarray(pmask[i]) > 0]
+            out.append({"stage": stage, "prompt": tokenizer.decode(p.tolist()),
+                        "completion": tokenizer.decode(row.tolist())})
+    return out
 
 
 def _floats(tree: dict) -> dict:
@@ -331,6 +363,8 @@ def run_pipeline(
     for name, p in results["params"].items():
         artifacts.save_params(out / "params" / f"{name}.npz", p)
     tokenizer.save(out / "vocab.json")
+    artifacts.atomic_write_bytes(out / "samples.jsonl", "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in results["samples"]).encode())
     artifacts.write_json(out / "config.json", cfg.to_dict())
     env = environment()
     stage_cfg = {"M0": cfg.pretrain, "M1": cfg.sft, "RM": cfg.reward, "M2": cfg.ppo}

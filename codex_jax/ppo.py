@@ -209,6 +209,20 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
     return new, metrics
 
 
+def sampled_objective(state: PPOState, batch: dict, key: jax.Array) -> dict:
+    """Monte Carlo objective terms per response on ``batch``'s prompts: L_RLHF = -mean raw
+    RM score, KL = mean sampled KL(pi || ref), safety = mean penalty mass."""
+    cfg, fam = state.cfg, state.family
+    prompt, pmask = batch["prompt"], batch["prompt_mask"]
+    response = fam.sample(state.policy, key, prompt, pmask, cfg.response_len, 1.0)
+    mask = response_mask(response, fam.eos_id)
+    logp = fam.response_logprobs(state.policy, prompt, pmask, response, 1.0)
+    ref_logp = fam.response_logprobs(state.ref, prompt, pmask, response, 1.0)
+    rm = fam.reward_token_scores(state.reward, prompt, pmask, response, mask).sum(-1)
+    return {"L_RLHF": -jnp.mean(rm), "KL": jnp.mean(((logp - ref_logp) * mask).sum(-1)),
+            "safety": jnp.mean((state.penalty[response] * mask).sum(-1))}
+
+
 def evaluate(state: PPOState, demo_counts: jax.Array) -> dict:
     """Exact objective terms where the family has a closed form (else empty)."""
     fam = state.family

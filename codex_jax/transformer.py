@@ -24,9 +24,10 @@ test checks it).  So the SFT rows ``[BOS] prompt completion [EOS]`` of
 ``encode.sft_rows`` match PPO prompts that also start with BOS.
 
 Output index of response token t: it is produced by the hidden state at array index
-``n`` (the last real prompt token; n counts BOS) for t = 0 and ``P + t`` for t >= 1.
-Log-probs, values (the critic's estimate at the state that PRODUCES response_t) and
-the KV-cache decoder (``codex_jax.generate``) all use it.
+``n`` (the last real prompt token) for t = 0 and ``P + t`` for t >= 1.  Log-probs,
+values (the critic's estimate at the state that PRODUCES response_t) and the KV-cache
+decoder (``codex_jax.generate``) all use it.  ``response_logprobs`` is the tempered
+softmax WITHOUT the sampler's top-k / top-p truncation.
 """
 
 from __future__ import annotations

@@ -341,7 +341,7 @@ OPTIM = {"name": (CHOICE, ("adam", "adamw", "sgd")), "lr": (FLOAT, 0.0, INF, Tru
 LM = {"mode": (CHOICE, ("exact", "gradient")), "steps": (INT, 1), "batch_size": (INT, 1),
       "smoothing": (FLOAT, 0.0, INF, False), "log_every": (INT, 1)}
 SECTIONS = {
-    "": {"seed": (INT, 0), "model": (CHOICE, ("unigram",)), "checkpoint_every": (INT, 0),
+    "": {"seed": (INT, 0), "model": (CHOICE, ("unigram", "transformer")), "checkpoint_every": (INT, 0),
          "max_consecutive_skips": (INT, 1)},
     "data": {"context_len": (INT, 2), "max_prompt_len": (INT, 2), "max_response_len": (INT, 2)},
     "tokenizer": {"mode": (CHOICE, ("regex", "whitespace")), "lowercase": (BOOL,), "min_count": (INT, 1),
@@ -361,6 +361,10 @@ SECTIONS = {
             "temperature": (FLOAT, 0.0, INF, True),
             "ptx_coef": (FLOAT, 0.0, INF, False), "safety_penalty": (FLOAT, 0.0, INF, False),
             "unsafe_tokens": (TOKENS,)},
+    "transformer": {"layers": (INT, 1), "mlp_ratio": (INT, 1), "context_len": (INT, 2), "top_k": (INT, 0),
+                    "top_p": (FLOAT, 0.0, 1.0, True), "positions": (CHOICE, ("rotary", "learned")),
+                    "dtype": (CHOICE, ("float32", "bfloat16")), "d_model": (INT, 1), "heads": (INT, 1)},
+    "bpe": {"vocab_size": (INT, 260), "min_frequency": (INT, 1)},
     "objective": {"alpha": (FLOAT, 0.0, INF, False), "beta": (FLOAT, 0.0, INF, False),
                   "gamma": (FLOAT, 0.0, INF, False)},
     **{f"{s}.optim": OPTIM for s in ("pretrain", "sft", "reward", "ppo")},

@@ -10,7 +10,9 @@ import typing
 
 import pytest
 
+from codex_jax.bpe import BPEConfig
 from codex_jax.config import (
+    TransformerConfig,
     DataConfig, LMConfig, ObjectiveConfig, OptimConfig, PipelineConfig, PPOConfig, RewardConfig,
     load_config, sha256_json,
 )
@@ -37,6 +39,9 @@ INT_FIELDS = [
     (TokenizerConfig, "min_count", 1), (TokenizerConfig, "max_size", 5),
     (PipelineConfig, "seed", 0), (PipelineConfig, "checkpoint_every", 0),
     (PipelineConfig, "max_consecutive_skips", 1),
+    (TransformerConfig, "layers", 1), (TransformerConfig, "mlp_ratio", 1),
+    (TransformerConfig, "context_len", 2), (TransformerConfig, "top_k", 0),
+    (BPEConfig, "vocab_size", 260), (BPEConfig, "min_frequency", 1),
 ]
 
 # (class, field, low, high, low_open)
@@ -63,6 +68,7 @@ FLOAT_FIELDS = [
     (ObjectiveConfig, "alpha", 0.0, INF, False),
     (ObjectiveConfig, "beta", 0.0, INF, False),
     (ObjectiveConfig, "gamma", 0.0, INF, False),
+    (TransformerConfig, "top_p", 0.0, 1.0, True),
 ]
 
 CHOICE_FIELDS = [
@@ -72,13 +78,15 @@ CHOICE_FIELDS = [
     (PPOConfig, "reference", ("pretrain", "sft")),
     (PPOConfig, "kl_guard", ("stop", "skip")),
     (TokenizerConfig, "mode", ("regex", "whitespace")),
-    (PipelineConfig, "model", ("unigram",)),
+    (PipelineConfig, "model", ("unigram",)),  # "transformer" needs its own defaults: tested below
+    (TransformerConfig, "positions", ("rotary", "learned")),
+    (TransformerConfig, "dtype", ("float32", "bfloat16")),
 ]
 
 BOOL_FIELDS = [(PPOConfig, "whiten_advantages"), (PPOConfig, "whiten_rewards"), (TokenizerConfig, "lowercase")]
 OPTIONAL_FIELDS = {(PPOConfig, "kl_target"), (PPOConfig, "max_kl")}  # None switches them off
 # Fields with their own tests below.
-SPECIAL_FIELDS = {(PPOConfig, "unsafe_tokens")}
+SPECIAL_FIELDS = {(PPOConfig, "unsafe_tokens"), (TransformerConfig, "d_model"), (TransformerConfig, "heads")}
 
 
 def leaf_fields(cls) -> set:
@@ -497,3 +505,28 @@ def test_unknown_key_message_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "\n" not in str(err.value)
+
+
+def test_transformer_shape_fields_are_validated_together():
+    assert TransformerConfig(d_model=64, heads=4).head_dim == 16
+    for bad in (0, -4, 2.0, True, "64"):
+        with pytest.raises(ConfigError, match="d_model"):
+            TransformerConfig(d_model=bad)
+        with pytest.raises(ConfigError, match="heads"):
+            TransformerConfig(heads=bad)
+    with pytest.raises(ConfigError, match=r"heads must divide d_model \(128\), got 3"):
+        TransformerConfig(heads=3)
+    with pytest.raises(ConfigError, match="rotary positions need an even head size"):
+        TransformerConfig(d_model=12, heads=4)
+    assert TransformerConfig(d_model=12, heads=4, positions="learned").head_dim == 3
+
+
+def test_transformer_pipeline_checks_its_lengths_and_mode():
+    from codex_jax.config import default_config
+
+    cfg = default_config("transformer")
+    assert cfg.pretrain.mode == "gradient" and cfg.ppo.gamma == 1.0
+    with pytest.raises(ConfigError, match="pretrain.mode must be 'gradient' for model 'transformer'"):
+        load_config(None, model="transformer", pretrain={"mode": "exact"})
+    with pytest.raises(ConfigError, match=r"transformer.context_len must be >= 128"):
+        load_config(None, model="transformer", transformer={"context_len": 64})
