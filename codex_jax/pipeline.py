@@ -61,11 +61,13 @@ def split_pairs(pairs: dict, key: jax.Array, heldout_fraction: float) -> tuple[d
     return ({k: v[train] for k, v in pairs.items()}, {k: v[held] for k, v in pairs.items()})
 
 
-def unsafe_ids(tokenizer: Tokenizer, tokens: tuple[str, ...]) -> list[int]:
-    """Ids of the unsafe tokens that are in the vocabulary (lower-cased if it is)."""
+def unsafe_ids(tokenizer, tokens: tuple[str, ...]) -> list[int]:
+    """Ids of the unsafe tokens that are in the vocabulary: the word itself (lower-cased
+    if the tokenizer lower-cases) and, for byte-level BPE, its space-prefixed form
+    ("\u0120eval" is " eval")."""
     lower = getattr(tokenizer.config, "lowercase", False)
-    norm = (lambda t: t.lower()) if lower else (lambda t: t)
-    ids = [tokenizer.token_id(norm(t)) for t in tokens]
+    forms = [t.lower() if lower else t for t in tokens]
+    ids = [tokenizer.token_id(f) for t in forms for f in (t, "\u0120" + t)]
     return sorted({i for i in ids if i >= 4})
 
 
