@@ -117,6 +117,20 @@ def clipped_surrogate(
 
 
 # --------------------------------------------------------------------------- batching
+def chunked_map(fn, tree, chunk: int):
+    """``fn`` over the leading axis of ``tree`` in chunks of ``chunk`` rows (``lax.map``),
+    so evaluating a whole data set never holds more than one chunk's activations
+    (a transformer's [N, L, V] logits over a corpus would not fit).  -> fn's outputs, [N, ...]."""
+    n = jax.tree_util.tree_leaves(tree)[0].shape[0]
+    chunks = -(-n // chunk)
+    pad = chunks * chunk - n
+    padded = jax.tree_util.tree_map(
+        lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape(
+            (chunks, chunk) + x.shape[1:]), tree)
+    out = jax.lax.map(fn, padded)
+    return jax.tree_util.tree_map(lambda y: y.reshape((chunks * chunk,) + y.shape[2:])[:n], out)
+
+
 def epoch_batch_indices(key: jax.Array, step: jax.Array, num_items: int, batch_size: int) -> jax.Array:
     """Indices of minibatch ``step`` in an epoch-wise shuffle without replacement.
 

@@ -93,6 +93,7 @@ def step(state: RewardState, batch: dict, key: jax.Array) -> tuple[RewardState, 
     return new, {**metrics, "skipped": skipped}
 
 
-def evaluate(params: Any, family: Family, data: dict) -> dict:
-    """Pairwise metrics of ``params`` on every pair of ``data``."""
-    return pair_metrics(margins(params, family, data))
+def evaluate(params: Any, family: Family, data: dict, chunk: int = 256) -> dict:
+    """Pairwise metrics of ``params`` on every pair of ``data`` (in chunks)."""
+    pairs = {name: data[name] for name in PAIR_FIELDS}
+    return pair_metrics(kernels.chunked_map(lambda b: margins(params, family, b), pairs, chunk))

@@ -158,3 +158,11 @@ def test_response_mask_ends_at_the_first_eos():
             seen = seen or tok == 3
         np.testing.assert_array_equal(m, expect)
     assert np.all(np.asarray(response_mask(response, None)) == 1)
+
+
+def test_chunked_map_equals_the_unchunked_function():
+    x = jnp.asarray(RNG.normal(size=(23, 5)).astype(np.float32))
+    y = jnp.asarray(RNG.integers(0, 9, size=(23,)))
+    fn = lambda t: (t[0] * 2.0).sum(-1) + t[1]  # noqa: E731
+    for chunk in (1, 4, 23, 64):
+        np.testing.assert_allclose(kernels.chunked_map(fn, (x, y), chunk), fn((x, y)), rtol=1e-6)
