@@ -305,7 +305,7 @@ class PipelineConfig:
             if self.pretrain.mode != "gradient":
                 raise ConfigError("pretrain.mode must be 'gradient' for model 'transformer' "
                                   f"(only the unigram has a closed form), got {self.pretrain.mode!r}")
-            need = max(self.data.context_len, self.data.max_prompt_len + self.data.max_response_len + 2,
+            need = max(self.data.context_len, self.data.max_prompt_len + self.data.max_response_len + 1,
                        self.data.max_prompt_len + self.ppo.response_len)
             if self.transformer.context_len < need:
                 raise ConfigError(f"transformer.context_len must be >= {need} (data.context_len, prompt + "

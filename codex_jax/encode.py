@@ -1,7 +1,9 @@
 """Records -> the token arrays every stage trains on (host side, NumPy).
 
 corpus -> packed stream rows   tokens int32 [R, C], mask [R, C]    (EOS after each document)
-demos  -> SFT rows             [BOS] prompt completion [EOS], loss on completion + EOS
+demos  -> SFT rows             prompt completion [EOS], loss on completion + EOS
+          (a model's own start token, e.g. the transformer's BOS, is added by the family, so
+          SFT rows and PPO prompts look the same to it)
 prefs  -> pair arrays          prompt [N, P], chosen / rejected [N, T] with masks
 Every id is checked against the vocabulary here, on the host, because a gather in
 JAX clamps an out-of-range id silently.
@@ -16,7 +18,7 @@ import numpy as np
 from codex_jax.config import DataConfig
 from codex_jax.data import Dataset
 from codex_jax.errors import DataError
-from codex_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, pack_ids
+from codex_jax.tokenizer import EOS_ID, PAD_ID, Tokenizer, pack_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +56,11 @@ def pack_stream(docs: list[np.ndarray], context_len: int) -> tuple[np.ndarray, n
 
 
 def sft_rows(prompts: list[np.ndarray], completions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """[BOS] prompt completion [EOS] rows and their completion-only loss mask."""
+    """prompt completion [EOS] rows and their completion-only loss mask."""
     seqs, masks = [], []
     for p, c in zip(prompts, completions):
-        seqs.append(np.concatenate([[BOS_ID], p, c, [EOS_ID]]).astype(np.int32))
-        masks.append(np.concatenate([np.zeros(1 + p.size), np.ones(c.size + 1)]).astype(np.int32))
+        seqs.append(np.concatenate([p, c, [EOS_ID]]).astype(np.int32))
+        masks.append(np.concatenate([np.zeros(p.size), np.ones(c.size + 1)]).astype(np.int32))
     tokens = pack_ids(seqs).ids
     mask = pack_ids(masks).ids.astype(np.float32)
     return tokens, mask

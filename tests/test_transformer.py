@@ -1,0 +1,293 @@
+"""The transformer family against naive recomputation: KV cache, padding, causality,
+losses, sampling, reward / value heads and a few training steps."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codex_jax import generate, lm, transformer as tf
+from codex_jax.config import LMConfig, OptimConfig, TransformerConfig
+from codex_jax.errors import ConfigError
+from codex_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+V = 50
+CFG = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32)
+LEARNED = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, positions="learned")
+B, P, T = 4, 6, 5  # one set of shapes throughout, so each function compiles once per config
+
+# jitted once per (config, shapes); eager op-by-op dispatch is far slower on CPU
+static = functools.partial(jax.jit, static_argnums=(0, 1))
+resp_logits, resp_logprobs = static(tf.response_logits), static(tf.response_logprobs)
+decode_logits, token_nll = static(generate.decode_logits), static(tf.token_nll)
+reward_scores, values_fn = static(tf.reward_token_scores), static(tf.values)
+sample_fn = jax.jit(generate.sample, static_argnums=(0, 1, 6))
+
+
+def _perturb(params, seed, scale=0.3):
+    """Init logits are nearly uniform; noise makes attention and outputs non-trivial.
+    (NumPy on the host: a jitted per-leaf jax.random would compile for seconds.)"""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), jnp.float32), params)
+
+
+def _policy(cfg=CFG, seed=0):
+    return _perturb(tf.init_policy(cfg, V, jax.random.PRNGKey(seed)), seed + 100)
+
+
+def _critic(init_fn, seed=0):
+    return _perturb(init_fn(CFG, V, jax.random.PRNGKey(seed)), seed + 100)
+
+
+def _batch(seed=0):
+    """Ragged right-padded prompts (real lengths 1, P, 3, 2) and random responses."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([1, P, 3, 2])
+    pmask = (np.arange(P)[None] < lengths[:, None]).astype(np.float32)
+    prompt = np.where(pmask > 0, rng.integers(4, V, (B, P)), PAD_ID).astype(np.int32)
+    response = rng.integers(4, V, (B, T)).astype(np.int32)
+    return jnp.asarray(prompt), jnp.asarray(pmask), jnp.asarray(response)
+
+
+def _real(prompt, pmask, b):
+    return np.asarray(prompt[b])[np.asarray(pmask[b]) > 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _naive_jit(cfg, params, ids, scalar_head, last):
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    hidden = tf.hidden_states(cfg, V, params, ids, jnp.ones(ids.shape, bool), positions, scalar_head)
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return tf._scores(cfg, V, params, h) if scalar_head else tf.lm_logits(cfg, V, params, h)
+
+
+def _naive(cfg, params, seqs, scalar_head=False):
+    """Output at the last token of each UNPADDED sequence: plain positions 0..n-1 and a
+    causal mask, every sequence on its own.  (Batched for speed: trailing filler after
+    a sequence cannot reach its last token through a causal mask.)"""
+    ids = np.full((48, 12), PAD_ID, np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    last = np.array([len(s) - 1 for s in seqs] + [0] * (48 - len(seqs)), np.int32)
+    return _naive_jit(cfg, params, jnp.asarray(ids), scalar_head, jnp.asarray(last))[: len(seqs)]
+
+
+def _prefixes(prompt, pmask, response):
+    """[BOS] + real prompt + response[:t] for every (row, t), row-major."""
+    return [np.concatenate([[BOS_ID], _real(prompt, pmask, b), response[b, :t]])
+            for b in range(B) for t in range(T)]
+
+
+# --------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("cfg", [CFG, LEARNED], ids=["rotary", "learned"])
+def test_kv_cache_decoding_matches_full_recompute(cfg):
+    params = _policy(cfg)
+    prompt, pmask, response = _batch()
+    cached = decode_logits(cfg, V, params, prompt, pmask, response)  # prefill + scan of steps
+    full = resp_logits(cfg, V, params, prompt, pmask, response)  # one padded forward pass
+    assert float(jnp.std(full)) > 0.5  # non-trivial logits
+    np.testing.assert_allclose(cached, full, atol=1e-4, rtol=1e-4)
+    naive = _naive(cfg, params, _prefixes(prompt, pmask, response))  # unpadded, per prefix
+    np.testing.assert_allclose(cached.reshape(B * T, V), naive, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_in_bfloat16_stays_close_to_float32():
+    cfg = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, dtype="bfloat16")
+    params = _policy()  # the same float32 parameters; only activations change
+    prompt, pmask, response = _batch()
+    cached = decode_logits(cfg, V, params, prompt, pmask, response)
+    assert cached.dtype == jnp.float32
+    np.testing.assert_allclose(cached, resp_logits(CFG, V, params, prompt, pmask, response), atol=0.15)
+
+
+# --------------------------------------------------------------------------- padding, causality
+def test_prompt_pads_do_not_change_any_output():
+    params, rm, critic = _policy(), _critic(tf.init_reward, 1), _critic(tf.init_value, 2)
+    prompt, pmask, response = _batch()
+    other = jnp.where(pmask > 0, prompt, jax.random.randint(jax.random.PRNGKey(9), prompt.shape, 1, V))
+    assert bool(jnp.any(other != prompt))
+    rmask = jnp.asarray((np.arange(T)[None] < np.array([[5], [2], [1], [4]])).astype(np.float32))
+    for a, b in [(resp_logprobs(CFG, V, params, x, pmask, response, 0.7) for x in (prompt, other)),
+                 (reward_scores(CFG, V, rm, x, pmask, response, rmask) for x in (prompt, other)),
+                 (values_fn(CFG, V, critic, x, pmask, response) for x in (prompt, other))]:
+        assert float(jnp.max(jnp.abs(a))) > 0
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(sample_fn(CFG, V, params, key, prompt, pmask, 24, 1.0),
+                                  sample_fn(CFG, V, params, key, other, pmask, 24, 1.0))
+    # the amount of padding does not matter either: the naive references are unpadded
+
+
+def test_future_tokens_never_change_earlier_positions():
+    params, critic = _policy(), _critic(tf.init_value)
+    prompt, pmask, response = _batch()
+    lp = resp_logprobs(CFG, V, params, prompt, pmask, response, 1.0)
+    val = values_fn(CFG, V, critic, prompt, pmask, response)
+    tokens = jnp.concatenate([prompt, response], 1)
+    nll = token_nll(CFG, V, params, tokens, 0.0)
+    for k in range(T):
+        changed = response.at[:, k].set((response[:, k] + 7 - 4) % (V - 4) + 4)
+        lp2 = resp_logprobs(CFG, V, params, prompt, pmask, changed, 1.0)
+        val2 = values_fn(CFG, V, critic, prompt, pmask, changed)
+        np.testing.assert_allclose(lp2[:, :k], lp[:, :k], atol=1e-6)
+        assert bool(jnp.all(lp2[:, k] != lp[:, k]))
+        np.testing.assert_allclose(val2[:, : k + 1], val[:, : k + 1], atol=1e-6)  # V(state before y_k)
+        if k + 1 < T:
+            assert bool(jnp.all(val2[:, k + 1] != val[:, k + 1]))
+        j = P + k
+        nll2 = token_nll(CFG, V, params, tokens.at[:, j].set(changed[:, k]), 0.0)
+        np.testing.assert_allclose(nll2[:, :j], nll[:, :j], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- losses
+def test_token_nll_equals_naive_prefix_loop_and_smoothing_formula():
+    params = _policy()
+    L = P + T
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, L)), jnp.int32)
+    logits = _naive(CFG, params, [np.concatenate([[BOS_ID], tokens[b, :t]]) for b in range(B) for t in range(L)])
+    logp = np.asarray(jax.nn.log_softmax(logits)).reshape(B, L, V)
+    expect = np.array([[-logp[b, t, tokens[b, t]] for t in range(L)] for b in range(B)])
+    np.testing.assert_allclose(token_nll(CFG, V, params, tokens, 0.0), expect, atol=1e-5)
+    eps = 0.1
+    np.testing.assert_allclose(token_nll(CFG, V, params, tokens, eps),
+                               (1 - eps) * expect - eps * logp.mean(-1), atol=1e-5)
+
+
+def test_response_logprobs_is_token_nll_of_the_concatenated_row():
+    """SFT trains token_nll on [prompt, response] rows; PPO scores the same conditional."""
+    params = _policy()
+    prompt, pmask, response = _batch()
+    lp = resp_logprobs(CFG, V, params, prompt, pmask, response, 1.0)
+    rows = np.zeros((B, P + T), np.int32)  # left-aligned, right-padded
+    for b in range(B):
+        real = _real(prompt, pmask, b)
+        rows[b, : len(real) + T] = np.concatenate([real, response[b]])
+    nll = token_nll(CFG, V, params, jnp.asarray(rows), 0.0)
+    for b in range(B):
+        n = int(pmask[b].sum())
+        np.testing.assert_allclose(lp[b], -nll[b, n: n + T], atol=1e-5)
+
+
+def test_response_logprobs_temperature_and_jit_agree():
+    params = _policy()
+    prompt, pmask, response = _batch()
+    fam = tf.transformer_family(CFG, V)
+    eager = fam.response_logprobs(params, prompt, pmask, response, 0.5)
+    jitted = resp_logprobs(CFG, V, params, prompt, pmask, response, 0.5)
+    np.testing.assert_allclose(eager, jitted, atol=1e-5)
+    logits = resp_logits(CFG, V, params, prompt, pmask, response)
+    expect = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.5), response[..., None], -1)[..., 0]
+    np.testing.assert_allclose(eager, expect, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- sampling
+def test_sample_is_deterministic_per_key_and_pads_after_eos():
+    params = _policy(seed=4)
+    prompt, pmask, _ = _batch()
+    a = sample_fn(CFG, V, params, jax.random.PRNGKey(0), prompt, pmask, 24, 1.0)
+    assert a.shape == (B, 24) and a.dtype == jnp.int32
+    np.testing.assert_array_equal(a, sample_fn(CFG, V, params, jax.random.PRNGKey(0), prompt, pmask, 24, 1.0))
+    eos_rows = 0
+    for seed in range(1, 6):
+        b = np.asarray(sample_fn(CFG, V, params, jax.random.PRNGKey(seed), prompt, pmask, 24, 1.0))
+        assert np.any(b != np.asarray(a))
+        for row in b:
+            hits = np.flatnonzero(row == EOS_ID)
+            if hits.size:
+                eos_rows += 1
+                assert np.all(row[hits[0] + 1:] == PAD_ID)
+    assert eos_rows > 0
+
+
+def test_top_k_one_is_greedy_decoding():
+    cfg = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, top_k=1)
+    params = _policy(CFG)
+    prompt, pmask, _ = _batch()
+    out = sample_fn(cfg, V, params, jax.random.PRNGKey(5), prompt, pmask, T, 1.0)
+    greedy = np.zeros((B, T), np.int32)  # full recompute each step; later slots cannot leak back
+    done = np.zeros(B, bool)
+    for t in range(T):
+        nxt = np.asarray(jnp.argmax(resp_logits(CFG, V, params, prompt, pmask, jnp.asarray(greedy))[:, t], -1))
+        greedy[:, t] = np.where(done, PAD_ID, nxt)
+        done |= greedy[:, t] == EOS_ID
+    np.testing.assert_array_equal(out, greedy)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
+    keep = lambda f: np.isfinite(np.asarray(f))[0].tolist()  # noqa: E731
+    assert keep(generate.filter_logits(logits, 2, 1.0)) == [True, False, True, False]
+    assert keep(generate.filter_logits(logits, 0, 0.5)) == [True, False, False, False]
+    assert keep(generate.filter_logits(logits, 0, 0.79)) == [True, False, True, False]
+    assert keep(generate.filter_logits(logits, 0, 0.81)) == [True, False, True, True]
+    # nucleus after top-k renormalises: 0.8 / 0.95 = 0.84 of the mass precedes id 3
+    assert keep(generate.filter_logits(logits, 3, 0.83)) == [True, False, True, False]
+    assert keep(generate.filter_logits(logits, 3, 0.85)) == [True, False, True, True]
+
+
+# --------------------------------------------------------------------------- reward / value
+def test_reward_scores_sit_on_the_last_valid_token_only():
+    rm = _critic(tf.init_reward)
+    prompt, pmask, response = _batch()
+    lengths = [5, 2, 1, 0]
+    rmask = jnp.asarray((np.arange(T)[None] < np.array(lengths)[:, None]).astype(np.float32))
+    scores = reward_scores(CFG, V, rm, prompt, pmask, response, rmask)
+    junk = jnp.where(rmask > 0, response, 9)  # tokens after the mask do not matter
+    np.testing.assert_allclose(scores, reward_scores(CFG, V, rm, prompt, pmask, junk, rmask), atol=1e-5)
+    seqs = [np.concatenate([[BOS_ID], _real(prompt, pmask, b), response[b, :n]]) for b, n in enumerate(lengths)]
+    naive = _naive(CFG, rm, seqs, scalar_head=True)
+    for b, n in enumerate(lengths):
+        nonzero = np.flatnonzero(np.asarray(scores[b]))
+        assert nonzero.tolist() == ([n - 1] if n else [])
+        if n:
+            np.testing.assert_allclose(scores[b, n - 1], naive[b], atol=1e-5)
+    kernel = rm["params"]["score_head"]["kernel"]
+    np.testing.assert_allclose(tf.reward_l2(rm), 0.5 * jnp.sum(kernel ** 2), rtol=1e-6)
+
+
+def test_values_read_the_state_that_produces_each_token():
+    init_value, values = tf.transformer_value_fns(CFG, V)
+    assert tf.transformer_value_fns(CFG, V) == (init_value, values)
+    critic = _perturb(init_value(jax.random.PRNGKey(0)), 1)
+    prompt, pmask, response = _batch()
+    val = values_fn(CFG, V, critic, prompt, pmask, response)
+    assert values.func is tf.values and values.args == (CFG, V)  # the same function, bound
+    naive = _naive(CFG, critic, _prefixes(prompt, pmask, response), scalar_head=True)
+    np.testing.assert_allclose(val.reshape(-1), naive, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- family, training
+def test_family_is_cached_and_learned_positions_refuse_long_inputs():
+    fam = tf.transformer_family(CFG, V)
+    assert fam is tf.transformer_family(TransformerConfig(layers=2, d_model=32, heads=4, context_len=32), V)
+    hash(fam)
+    assert fam.name == "transformer" and fam.fit_exact is None and fam.exact_objective is None
+    with pytest.raises(ConfigError, match="context_len"):
+        jax.eval_shape(functools.partial(tf.token_nll, LEARNED, V), tf.init_policy(LEARNED, V, jax.random.PRNGKey(0)),
+                       jnp.zeros((1, 33), jnp.int32), 0.0)
+
+
+def test_count_flops_matches_the_parameter_tree():
+    params = tf.init_policy(CFG, V, jax.random.PRNGKey(0))
+    kernels = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if "kernel" in jax.tree_util.keystr(path))
+    fwd = tf.count_flops(CFG, V, batch=2, seq_len=8)
+    assert fwd == 2 * (kernels + V * CFG.d_model) * 16 + 4 * CFG.layers * CFG.d_model * 64 * 2
+    assert tf.count_flops(CFG, V, 2, 8, kind="train") == 3 * fwd
+
+
+def test_adam_steps_lower_the_loss_on_a_repetitive_corpus():
+    fam = tf.transformer_family(CFG, V)
+    tokens = np.stack([np.roll(np.tile(np.arange(4, 12), 2), r) for r in range(8)]).astype(np.int32)
+    cfg = LMConfig(steps=30, batch_size=8, optim=OptimConfig(lr=0.01))
+    data = lm.make_data(tokens, np.ones_like(tokens, np.float32), 8)
+    state = lm.init(jax.random.PRNGKey(0), cfg, fam)
+    step, losses = jax.jit(lm.step), []
+    for _ in range(30):  # the whole corpus is one batch; "loss" is that of the params going in
+        state, metrics = step(state, data, jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+    before, after = losses[0], losses[-1]
+    assert before > 3.5 and after < 0.5 * before, (before, after)
