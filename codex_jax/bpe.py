@@ -54,6 +54,7 @@ import numpy as np
 from codex_jax.data import atomic_write_bytes
 from codex_jax.errors import ConfigError, DataError
 from codex_jax.tokenizer import (
+    read_json_header,
     BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK, UNK_ID, EncodedBatch, _is_int, pack_ids,
 )
 
@@ -337,21 +338,8 @@ class BPETokenizer:
     @classmethod
     def from_json(cls, obj: object) -> BPETokenizer:
         """Inverse of to_json(); DataError on any malformed content."""
-        keys = {"format", "version", "config", "tokens", "merges"}
-        if not isinstance(obj, dict):
-            raise DataError(f"BPE tokenizer JSON must be an object, got {type(obj).__name__}")
-        if set(obj) != keys:
-            raise DataError(f"BPE tokenizer JSON must have keys {', '.join(sorted(keys))}; got {sorted(obj)}")
-        if obj["format"] != _FORMAT or obj["version"] != _VERSION:
-            raise DataError(f"not a {_FORMAT} v{_VERSION} file: format={obj['format']!r} version={obj['version']!r}")
-        cfg = obj["config"]
-        names = {f.name for f in dataclasses.fields(BPEConfig)}
-        if not isinstance(cfg, dict) or set(cfg) != names:
-            raise DataError(f"BPE config must be an object with keys {sorted(names)}, got {cfg!r}")
-        try:
-            config = BPEConfig(**cfg)
-        except ConfigError as e:
-            raise DataError(f"bad BPE config: {e}") from None
+        config = read_json_header(obj, what="BPE tokenizer", keys=("config", "format", "merges", "tokens", "version"),
+                                  fmt=_FORMAT, version=_VERSION, config_cls=BPEConfig)
         if not isinstance(obj["tokens"], list):
             raise DataError(f"BPE tokens must be a list, got {type(obj['tokens']).__name__}")
         if not isinstance(obj["merges"], list):

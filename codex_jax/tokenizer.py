@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 import hashlib
 import itertools
 import json
@@ -242,20 +243,8 @@ class Tokenizer:
     @classmethod
     def from_json(cls, obj: object) -> Tokenizer:
         """Inverse of to_json(); DataError on any malformed content."""
-        if not isinstance(obj, dict):
-            raise DataError(f"tokenizer JSON must be an object, got {type(obj).__name__}")
-        if set(obj) != {"format", "version", "config", "tokens"}:
-            raise DataError(f"tokenizer JSON must have keys format, version, config, tokens; got {sorted(obj)}")
-        if obj["format"] != _FORMAT or obj["version"] != _VERSION:
-            raise DataError(f"not a {_FORMAT} v{_VERSION} file: format={obj['format']!r} version={obj['version']!r}")
-        cfg = obj["config"]
-        names = {f.name for f in dataclasses.fields(TokenizerConfig)}
-        if not isinstance(cfg, dict) or set(cfg) != names:
-            raise DataError(f"tokenizer config must be an object with keys {sorted(names)}, got {cfg!r}")
-        try:
-            config = TokenizerConfig(**cfg)
-        except ConfigError as e:
-            raise DataError(f"bad tokenizer config: {e}") from None
+        config = read_json_header(obj, what="tokenizer", keys=("format", "version", "config", "tokens"),
+                                  fmt=_FORMAT, version=_VERSION, config_cls=TokenizerConfig)
         if not isinstance(obj["tokens"], list):
             raise DataError(f"tokenizer tokens must be a list, got {type(obj['tokens']).__name__}")
         return cls(config, tuple(obj["tokens"]))
@@ -286,6 +275,26 @@ class Tokenizer:
         """sha256 hex of the canonical JSON of to_json(): equal tokenizers, equal fingerprints."""
         canon = json.dumps(self.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def read_json_header(obj: object, *, what: str, keys: tuple[str, ...], fmt: str, version: int,
+                     config_cls: type) -> Any:
+    """Checks a saved tokenizer's keys, format and version; returns its validated config.
+    Any malformed content is a DataError naming ``what``."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} JSON must be an object, got {type(obj).__name__}")
+    if set(obj) != set(keys):
+        raise DataError(f"{what} JSON must have keys {', '.join(keys)}; got {sorted(obj)}")
+    if obj["format"] != fmt or obj["version"] != version:
+        raise DataError(f"not a {fmt} v{version} file: format={obj['format']!r} version={obj['version']!r}")
+    cfg = obj["config"]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    if not isinstance(cfg, dict) or set(cfg) != names:
+        raise DataError(f"{what} config must be an object with keys {sorted(names)}, got {cfg!r}")
+    try:
+        return config_cls(**cfg)
+    except ConfigError as e:
+        raise DataError(f"bad {what} config: {e}") from None
 
 
 def _splitter(config: TokenizerConfig):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codex_jax import kernels, lm, loop, ppo, reward, symbolic
+from codex_jax import lm, loop, ppo, reward, symbolic
 from codex_jax.config import LMConfig, OptimConfig, PPOConfig, RewardConfig
 
 V = 12
@@ -102,7 +102,6 @@ def test_reward_model_recovers_a_planted_direction():
 
 
 def test_reward_scores_match_a_loop_and_never_build_a_dense_bag_of_words():
-    fam = symbolic.unigram_family(V)
     key = jax.random.PRNGKey(8)
     params = {"w": jax.random.normal(key, (V,)), "b": jnp.asarray(0.7)}
     ids, mask = _rows(jax.random.PRNGKey(9), n_rows=5, length=7)
