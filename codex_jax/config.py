@@ -171,7 +171,7 @@ class PPOConfig:
     max_kl: float | None = None  # KL guard: bound on the sampled KL(pi || ref) per response
     kl_guard: str = "stop"  # "stop": end the run with an error; "skip": skip that update
     unsafe_tokens: tuple[str, ...] = DEFAULT_UNSAFE_TOKENS
-    log_every: int = 30
+    log_every: int = 25  # divides checkpoint_every: every chunk has one length, one compile
     optim: OptimConfig = OptimConfig(lr=0.1, schedule="cosine")
 
     def __post_init__(self):

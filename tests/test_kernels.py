@@ -166,3 +166,15 @@ def test_chunked_map_equals_the_unchunked_function():
     fn = lambda t: (t[0] * 2.0).sum(-1) + t[1]  # noqa: E731
     for chunk in (1, 4, 23, 64):
         np.testing.assert_allclose(kernels.chunked_map(fn, (x, y), chunk), fn((x, y)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 5907])
+def test_keyed_permutation_is_a_bijection_and_looks_uniform(n):
+    key = jax.random.key(n)
+    perm = np.asarray(kernels.keyed_permutation(key, jnp.arange(n), n))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+    if n == 7:  # where item 0 lands, over many keys: close to uniform (chi-square)
+        first = jax.vmap(lambda k: kernels.keyed_permutation(k, jnp.arange(7), 7)[0])
+        counts = np.bincount(np.asarray(first(jax.random.split(key, 2100))), minlength=7)
+        chi2 = ((counts - 300.0) ** 2 / 300.0).sum()
+        assert chi2 < 22.5, counts  # p ~ 0.001 at 6 degrees of freedom
