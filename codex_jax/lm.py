@@ -118,5 +118,5 @@ def fit_exact(key: jax.Array, cfg: LMConfig, family: Family, data: dict) -> LMSt
         from codex_jax.errors import ConfigError
 
         raise ConfigError(f"pretrain.mode='exact' needs a closed form; model {family.name!r} has none")
-    counts = kernels.batch_count_tokens(data["tokens"], data["mask"] > 0, family.vocab_size)
+    counts = jax.jit(kernels.batch_count_tokens, static_argnums=2)(data["tokens"], data["mask"], family.vocab_size)
     return init(key, cfg, family, params=family.fit_exact(counts, cfg.smoothing))

@@ -28,6 +28,10 @@ def test_batch_count_tokens_matches_loop(jit):
             expect[i] += m
     fn = jax.jit(kernels.batch_count_tokens, static_argnums=2) if jit else kernels.batch_count_tokens
     np.testing.assert_array_equal(np.asarray(fn(ids, mask, 13)), expect)
+    # per-example counts: the per-row kernel, vmapped, against the same loop
+    rows = jax.vmap(kernels.count_tokens, in_axes=(0, 0, None))(ids, mask, 13)
+    for r, (row_ids, row_mask) in enumerate(zip(ids, mask)):
+        np.testing.assert_array_equal(rows[r], np.bincount(row_ids, weights=row_mask, minlength=13))
 
 
 def test_count_tokens_equals_bincount_on_large_stream():
