@@ -16,6 +16,7 @@ tokens in short batches).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -104,9 +105,9 @@ def step(state: LMState, batch: dict, key: jax.Array) -> tuple[LMState, dict]:
     return new, metrics
 
 
-def evaluate(state_or_params: Any, family: Family, data: dict, chunk: int = 128) -> dict:
+@functools.partial(jax.jit, static_argnames=("family", "chunk"))
+def evaluate(params: Any, family: Family, data: dict, chunk: int = 128) -> dict:
     """Unsmoothed per-token NLL and perplexity over all rows of ``data`` (in chunks)."""
-    params = state_or_params.params if isinstance(state_or_params, LMState) else state_or_params
     nll = kernels.chunked_map(lambda tokens: family.token_nll(params, tokens, 0.0), data["tokens"], chunk)
     mean = kernels.masked_mean(nll, data["mask"])
     return {"nll": mean, "perplexity": jnp.exp(mean)}

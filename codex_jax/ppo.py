@@ -209,6 +209,7 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
     return new, metrics
 
 
+@jax.jit
 def sampled_objective(state: PPOState, batch: dict, key: jax.Array) -> dict:
     """Monte Carlo objective terms per response on ``batch``'s prompts: L_RLHF = -mean raw
     RM score, KL = mean sampled KL(pi || ref), safety = mean penalty mass."""
@@ -223,6 +224,7 @@ def sampled_objective(state: PPOState, batch: dict, key: jax.Array) -> dict:
             "safety": jnp.mean((state.penalty[response] * mask).sum(-1))}
 
 
+@jax.jit
 def evaluate(state: PPOState, demo_counts: jax.Array) -> dict:
     """Exact objective terms where the family has a closed form (else empty)."""
     fam = state.family

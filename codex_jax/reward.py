@@ -9,6 +9,7 @@ data = {"prompt": int32 [N, P], "prompt_mask": [N, P],
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -93,6 +94,7 @@ def step(state: RewardState, batch: dict, key: jax.Array) -> tuple[RewardState, 
     return new, {**metrics, "skipped": skipped}
 
 
+@functools.partial(jax.jit, static_argnames=("family", "chunk"))
 def evaluate(params: Any, family: Family, data: dict, chunk: int = 256) -> dict:
     """Pairwise metrics of ``params`` on every pair of ``data`` (in chunks)."""
     pairs = {name: data[name] for name in PAIR_FIELDS}

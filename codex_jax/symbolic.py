@@ -89,7 +89,9 @@ def reward_token_scores(params, prompt, prompt_mask, response, response_mask) ->
     mask = response_mask.astype(jnp.float32)
     scores = params["w"][response] * mask
     is_last = jnp.arange(response.shape[-1]) == (mask.sum(-1, keepdims=True) - 1)
-    return scores + params["b"] * is_last.astype(jnp.float32)
+    # b cancels in every Bradley-Terry margin, so its exact gradient is 0; stop_gradient
+    # keeps float noise in that gradient from being amplified by Adam into a drifting b
+    return scores + jax.lax.stop_gradient(params["b"]) * is_last.astype(jnp.float32)
 
 
 def reward_l2(params: dict) -> jax.Array:
