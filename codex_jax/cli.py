@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     from codex_jax import audit
 
     audit.add_parser(sub)
+    from codex_jax import sweep
+
+    sweep.add_parser(sub)
 
     smp = sub.add_parser("sample", help="print samples from a saved stage")
     smp.add_argument("--run", default="runs/latest", help="run directory")
