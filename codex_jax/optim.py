@@ -14,6 +14,7 @@ members with different rates in one compiled call (``codex_jax.sweep``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ def _transformation(learning_rate: Any, *, multiplier: Callable, name: str, weig
     return opt
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """optax chain: optional global-norm clipping, then adam / adamw / sgd, with the
     base learning rate injected into the optimiser state (``set_learning_rate``)."""
