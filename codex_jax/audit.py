@@ -131,11 +131,32 @@ def compare_against(recorded: dict, new: dict) -> tuple[list[dict], bool]:
     for field in ("config_hash", "tokenizer_fingerprint"):
         if field in recorded:
             add("run", field, recorded.get(field), new.get(field))
+    if recorded.get("mesh") or new.get("mesh"):  # a run on a mesh is reproduced on the same mesh
+        add("run", "mesh", _mesh_text(recorded.get("mesh")), _mesh_text(new.get("mesh")))
     for stage in _stage_names([recorded, new]):
         old_fields, new_fields = _stage_fields(recorded, stage), _stage_fields(new, stage)
         for field in list(old_fields) + [f for f in new_fields if f not in old_fields]:
             add(stage, field, old_fields.get(field), new_fields.get(field))
     return rows, ok
+
+
+def _mesh_text(mesh: dict | None) -> str:
+    if not mesh:
+        return "one device"
+    text = f"data={mesh.get('data')},model={mesh.get('model')}{',fsdp' if mesh.get('fsdp') else ''}"
+    if "devices" in mesh:  # a recorded mesh (a requested one has sizes only)
+        text += f" on {mesh['devices']} {mesh.get('platform')}"
+    return text
+
+
+def _mesh_arg(args: argparse.Namespace) -> dict | None:
+    from codex_jax.config import parse_mesh
+
+    if args.fsdp and args.mesh is None:
+        raise CodexError("--fsdp shards parameters over the data axis of a mesh; give --mesh data=N too")
+    if args.mesh is None:
+        return None
+    return {**parse_mesh(args.mesh), "fsdp": bool(args.fsdp)}
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
@@ -206,8 +227,12 @@ def _one_line(err: Exception) -> str:
 
 
 # --------------------------------------------------------------------------- sub-runs
-def _run_command(out: pathlib.Path, seed: int, data: str | None, config: str | None) -> list[str]:
+def _run_command(out: pathlib.Path, seed: int, data: str | None, config: str | None,
+                 mesh: dict | None = None) -> list[str]:
+    from codex_jax.config import mesh_flags
+
     cmd = [sys.executable, "-m", "codex_jax.cli", "run", "--quiet", "--out", str(out), "--seed", str(seed)]
+    cmd += mesh_flags(mesh)
     if data is not None:
         cmd += ["--data", data]
     if config is not None:
@@ -216,10 +241,11 @@ def _run_command(out: pathlib.Path, seed: int, data: str | None, config: str | N
 
 
 def run_once(index: int, total: int, out: pathlib.Path, seed: int, data: str | None,
-             config: str | None) -> dict:
-    """One ``codex-jax run`` in a fresh process; returns its manifest."""
+             config: str | None, mesh: dict | None = None) -> dict:
+    """One ``codex-jax run`` in a fresh process (on ``mesh``, a manifest "mesh" record,
+    or one device); returns its manifest."""
     t0 = time.perf_counter()
-    proc = subprocess.run(_run_command(out, seed, data, config), stdin=subprocess.DEVNULL,
+    proc = subprocess.run(_run_command(out, seed, data, config, mesh), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     elapsed = time.perf_counter() - t0
     status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
@@ -284,15 +310,17 @@ def _audit_runs_cmd(args: argparse.Namespace) -> int:
     if args.data is not None and args.data != "default" and not pathlib.Path(args.data).is_dir():
         raise CodexError(f"{args.data}: --data is not a directory")
     cfg = load_config(args.config, seed=args.seed)  # config errors surface before any run
+    mesh = _mesh_arg(args)
     seed = cfg.seed
     closed_form = {"M0"} if cfg.pretrain.mode == "exact" else set()
     total = runs + 1
     with _Workdir(args.workdir, args.keep) as work:
-        manifests = [run_once(i, total, work.run_dir(i), seed, args.data, args.config)
+        manifests = [run_once(i, total, work.run_dir(i), seed, args.data, args.config, mesh)
                      for i in range(1, runs + 1)]
-        other = run_once(total, total, work.run_dir(total), seed + 1, args.data, args.config)
+        other = run_once(total, total, work.run_dir(total), seed + 1, args.data, args.config, mesh)
     rows, ok = audit_runs(manifests, other, closed_form)
-    print(f"determinism audit: {runs} runs with seed {seed}, 1 run with seed {seed + 1}")
+    where = f" on mesh {_mesh_text(mesh)}" if mesh else ""
+    print(f"determinism audit: {runs} runs with seed {seed}, 1 run with seed {seed + 1}{where}")
     print(format_table(rows, RUN_COLUMNS))
     for row in rows:
         if row["equal across runs"] == NO:
@@ -315,10 +343,13 @@ def _audit_runs_cmd(args: argparse.Namespace) -> int:
 
 
 def _audit_against_cmd(args: argparse.Namespace) -> int:
-    given = [flag for flag, value in (("--data", args.data), ("--seed", args.seed),
-                                      ("--config", args.config), ("--runs", args.runs)) if value is not None]
+    given = [flag for flag, value in (("--data", args.data), ("--seed", args.seed), ("--config", args.config),
+                                      ("--runs", args.runs), ("--mesh", args.mesh)) if value is not None]
+    if args.fsdp:
+        given.append("--fsdp")
     if given:
-        raise CodexError(f"--against takes the recorded config, data and seed; do not pass {'/'.join(given)} with it")
+        raise CodexError(f"--against takes the recorded config, data, seed and mesh; "
+                         f"do not pass {'/'.join(given)} with it")
     path = pathlib.Path(args.against)
     if path.is_dir():
         path = path / "manifest.json"
@@ -333,9 +364,10 @@ def _audit_against_cmd(args: argparse.Namespace) -> int:
     with _Workdir(args.workdir, args.keep) as work:
         config_path = work.file("recorded_config.json")
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        new = run_once(1, 1, work.run_dir(1), recorded["seed"], data, str(config_path))
+        # the same mesh as the recorded run: results on another mesh agree only to rounding
+        new = run_once(1, 1, work.run_dir(1), recorded["seed"], data, str(config_path), recorded.get("mesh"))
     rows, ok = compare_against(recorded, new)
-    print(f"audit against {path}: seed {recorded['seed']}, data {source}")
+    print(f"audit against {path}: seed {recorded['seed']}, data {source}, mesh {_mesh_text(recorded.get('mesh'))}")
     print(format_table(rows, AGAINST_COLUMNS))
     if ok:
         print(f"verdict: PASS - the new run reproduces all {len(rows)} recorded values")
@@ -376,6 +408,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--config", help="TOML or JSON pipeline config, as for `run`")
     p.add_argument("--against", metavar="MANIFEST",
                    help="a recorded OUT/manifest.json (or OUT): re-run it once and compare")
+    p.add_argument("--mesh", metavar="data=N[,model=M]", help="run every sub-run on this device mesh, as for `run`")
+    p.add_argument("--fsdp", action="store_true", help="with --mesh: FSDP parameter sharding, as for `run`")
     p.add_argument("--workdir", help="where the sub-runs write (default: a new temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the sub-runs' directories")
     p.set_defaults(func=cmd_audit)

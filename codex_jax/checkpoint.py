@@ -129,7 +129,11 @@ class StageCheckpointer:
             if [list(have[name][0]), have[name][1]] != [shape, dtype]:
                 raise CheckpointError(f"{where}: leaf {name} has shape {tuple(have[name][0])} dtype "
                                       f"{have[name][1]}, this run expects shape {tuple(shape)} dtype {dtype}")
-        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for n, (s, d) in want.items()}
+        # the target's shardings, not the saved ones: a state saved on 4 devices
+        # restores onto 1 (and back), laid out as this run places it
+        targets = state_leaves(target)
+        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=getattr(targets[n], "sharding", None))
+                    for n, (s, d) in want.items()}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
         treedef = jax.tree_util.tree_structure(target)
@@ -139,7 +143,8 @@ class StageCheckpointer:
         """Every saved leaf of ``step`` as {name: array}, without a target state."""
         ocp = self._ocp
         specs = self.read_meta(step)["leaves"]
-        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for n, (s, d) in specs.items()}
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh saved it
+        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=one) for n, (s, d) in specs.items()}
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         return {n: np.asarray(state[n]) for n in specs}
 

@@ -45,12 +45,36 @@ def _parse_stop_after(text: str | None) -> tuple[str, int] | None:
     return stage, int(step)
 
 
+def _start_devices(args: argparse.Namespace):
+    """Validates --mesh/--fsdp, starts multi-process JAX (--distributed); returns a
+    function that builds the Layout (None: one device)."""
+    from codex_jax.sharding import make_layout, parse_mesh
+
+    if args.fsdp and args.mesh is None:
+        raise CodexError("--fsdp shards parameters over the data axis of a mesh; give --mesh data=N too")
+    sizes = parse_mesh(args.mesh) if args.mesh is not None else None
+    given = [f for f, v in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                            ("--process-id", args.process_id)) if v is not None]
+    if given and not args.distributed:
+        raise CodexError(f"{'/'.join(given)} only apply with --distributed")
+    if args.distributed:
+        import jax
+
+        # unset values are detected from the cluster (Cloud TPU, SLURM, ...) by JAX
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    if sizes is None:
+        return None
+    return lambda: make_layout(sizes, fsdp=args.fsdp)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from codex_jax.config import load_config
     from codex_jax.loop import StopRequested
     from codex_jax.pipeline import read_run_record, run_pipeline
 
     stop_after = _parse_stop_after(args.stop_after)
+    layout = _start_devices(args)
     if args.resume is not None:
         if args.config or args.data or args.seed is not None or args.model:
             raise CodexError("--resume takes the run's own config, data and seed; "
@@ -65,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _enable_compilation_cache()
     try:
         summary = run_pipeline(dataset, cfg, out, progress=not args.quiet, resume=args.resume is not None,
-                               stop_after=stop_after)
+                               stop_after=stop_after, layout=layout() if layout else None)
     except StopRequested as stop:
         print(f"{stop}; continue with: codex-jax run --resume {out}", file=sys.stderr)
         return 0
@@ -138,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="OUT", help="continue the stopped run in OUT from its checkpoints")
     run.add_argument("--stop-after", metavar="STAGE:STEP",
                      help="stop right after the checkpoint at STAGE:STEP (e.g. sft:40); resume later")
+    run.add_argument("--mesh", metavar="data=N[,model=M]",
+                     help="run every stage on an N x M device mesh: batches split over 'data', "
+                          "parameters replicated, or split over 'model' (default: one device)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="also split parameters and optimiser state over the data axis (FSDP / ZeRO-3)")
+    run.add_argument("--distributed", action="store_true",
+                     help="multi-host: call jax.distributed.initialize() first (see README)")
+    run.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address")
+    run.add_argument("--num-processes", type=int, help="with --distributed: how many processes")
+    run.add_argument("--process-id", type=int, help="with --distributed: this process's index")
     run.set_defaults(func=cmd_run)
 
     from codex_jax import audit

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import pathlib
+import re
 import sys
 import typing
 from typing import Any
@@ -265,10 +266,13 @@ class DataConfig:
     context_len: int = 256  # rows of the packed pretraining stream
     max_prompt_len: int = 64
     max_response_len: int = 192
+    # corpus documents / demonstrations held out for evaluation (chosen by content hash)
+    heldout_fraction: float = 0.05
 
     def __post_init__(self):
         for name in ("context_len", "max_prompt_len", "max_response_len"):
             _check_int(self, name, minimum=2)
+        _check_float(self, "heldout_fraction", low=0.0, high=0.5)
 
 
 MODELS = ("unigram", "transformer")
@@ -418,3 +422,32 @@ def load_config(path: str | pathlib.Path | None, **overrides: Any) -> PipelineCo
     if model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
     return from_dict(PipelineConfig, data, base=default_config(model))
+
+
+# --------------------------------------------------------------------------- device mesh
+MESH_AXES = ("data", "model")
+_MESH_PART = re.compile(r"^\s*(data|model)\s*=\s*([0-9]+)\s*$")
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"data=4"`` or ``"data=2,model=2"`` -> {"data": 2, "model": 2} (missing axes = 1)."""
+    sizes: dict[str, int] = {}
+    for part in str(spec).split(","):
+        m = _MESH_PART.match(part)
+        if m is None:
+            raise ConfigError(f"--mesh {spec!r}: each part must be data=N or model=M (N, M >= 1), got {part!r}")
+        name, size = m.group(1), int(m.group(2))
+        if name in sizes:
+            raise ConfigError(f"--mesh {spec!r}: axis {name!r} given twice")
+        if size < 1:
+            raise ConfigError(f"--mesh {spec!r}: axis {name!r} must have size >= 1, got {size}")
+        sizes[name] = size
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def mesh_flags(mesh: dict | None) -> list[str]:
+    """CLI flags that recreate a recorded mesh (manifest "mesh"); [] for one device."""
+    if not mesh:
+        return []
+    flags = ["--mesh", f"data={int(mesh.get('data', 1))},model={int(mesh.get('model', 1))}"]
+    return flags + (["--fsdp"] if mesh.get("fsdp") else [])

@@ -77,6 +77,17 @@ def make_data(tokens, mask, batch_size: int, label_smoothing: float = 0.0) -> di
     }
 
 
+def heldout_data(enc: Any) -> tuple[dict | None, dict | None]:
+    """Evaluation data of the held-out corpus rows and demonstrations of an
+    ``EncodedData`` (None where the split held nothing out)."""
+    corpus = demos = None
+    if enc.heldout_corpus_tokens is not None:
+        corpus = make_data(enc.heldout_corpus_tokens, enc.heldout_corpus_mask, 1)
+    if enc.heldout_sft_tokens is not None:
+        demos = make_data(enc.heldout_sft_tokens, enc.heldout_sft_mask, 1)
+    return corpus, demos
+
+
 def select_batch(state: LMState, data: dict, key: jax.Array) -> dict:
     """Minibatch number ``state.step`` of the key's epoch-wise shuffle."""
     n = data["tokens"].shape[0]

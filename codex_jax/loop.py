@@ -21,16 +21,24 @@ import jax
 import numpy as np
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "select_fn", "num_steps"))
-def run_steps(state, data, key, *, step_fn: Callable, select_fn: Callable, num_steps: int):
-    """``num_steps`` steps of a stage in one compiled call.  -> (state, metrics [num_steps])."""
+@functools.partial(jax.jit, static_argnames=("step_fn", "select_fn", "num_steps", "layout"))
+def run_steps(state, data, key, *, step_fn: Callable, select_fn: Callable, num_steps: int, layout=None):
+    """``num_steps`` steps of a stage in one compiled call.  -> (state, metrics [num_steps]).
+
+    ``layout`` (a ``sharding.Layout``) pins each batch to the data axis and the carried
+    state to its parameter rule; None is the single-device program."""
     # fold_in, not split: the stage key is passed again for every chunk, and fold_in
     # does not consume it (the key-reuse checker agrees)
     key_data, key_step = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
     def body(state, _):
         batch = select_fn(state, data, jax.random.fold_in(key_data, state.step))
-        return step_fn(state, batch, jax.random.fold_in(key_step, state.step))
+        if layout is not None:
+            batch = layout.constrain_batch(batch)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(key_step, state.step))
+        if layout is not None:
+            state = layout.constrain_state(state)
+        return state, metrics
 
     return jax.lax.scan(body, state, None, length=num_steps)
 
@@ -81,6 +89,7 @@ def train(
     on_checkpoint: Callable[[Any], None] | None = None,
     stop_after: int | None = None,
     check: Callable[[list[dict], Any], None] | None = None,
+    layout: Any = None,
 ) -> tuple[Any, list[dict]]:
     """Runs from ``state.step`` up to ``total_steps`` in chunks; returns (state, records).
 
@@ -89,7 +98,10 @@ def train(
     host once, each record {"stage", "step", **metrics} goes to ``log``, ``check``
     may raise (numerical guards), and ``on_checkpoint(state)`` runs at checkpoint
     steps and at the end.  ``stop_after`` saves and raises ``StopRequested``.
+    ``layout`` runs the chunks on a device mesh (see ``codex_jax.sharding``).
     """
+    if layout is not None:  # a no-op for arrays already laid out this way
+        state, data = layout.place_state(state), layout.place_data(data)
     step = int(state.step)
     bar = Progress(label, total_steps, enabled=progress)
     records: list[dict] = []
@@ -100,7 +112,8 @@ def train(
         if stop_after is not None and stop_after > step:
             bounds.append(stop_after - step)
         n = min(bounds)
-        state, metrics = run_steps(state, data, key, step_fn=step_fn, select_fn=select_fn, num_steps=n)
+        state, metrics = run_steps(state, data, key, step_fn=step_fn, select_fn=select_fn, num_steps=n,
+                                   layout=layout)
         host = jax.device_get(metrics)  # the one sync per chunk
         chunk = []
         for i in range(n):

@@ -8,6 +8,7 @@ metrics.jsonl, manifest.json, params/*.npz and the vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ from codex_jax.encode import EncodedData, encode_dataset
 from codex_jax.errors import CodexError, DataError
 from codex_jax.family import Family, make_family
 from codex_jax.manifest import environment
+from codex_jax.sharding import to_host
 from codex_jax.tokenizer import Tokenizer
 
 STAGES = ("M0", "M1", "RM", "M2")
@@ -84,10 +86,13 @@ def prepare(dataset: Dataset, cfg: PipelineConfig) -> tuple[Tokenizer, EncodedDa
 
 def data_hashes(enc: EncodedData) -> dict[str, str]:
     """sha256 of the token arrays each stage trains on."""
+    held = [a for a in (enc.heldout_corpus_tokens, enc.heldout_corpus_mask,
+                        enc.heldout_sft_tokens, enc.heldout_sft_mask) if a is not None]
     return {
         "corpus": artifacts.arrays_sha256(enc.corpus_tokens, enc.corpus_mask),
         "demos": artifacts.arrays_sha256(enc.sft_tokens, enc.sft_mask, enc.prompt),
         "prefs": artifacts.arrays_sha256(*[enc.pairs[k] for k in sorted(enc.pairs)]),
+        "heldout": artifacts.arrays_sha256(*held),
     }
 
 
@@ -101,6 +106,11 @@ class Runner:
     progress: bool = True
     stop_after: tuple[str, int] | None = None  # (stage label, step)
     sync: Callable[[], None] | None = None  # makes logged records durable (before each save)
+    layout: Any = None  # a sharding.Layout: run every stage on a device mesh (None: one device)
+
+    def place(self, data: Any) -> Any:
+        """Data pools on the mesh (unchanged without a layout)."""
+        return data if self.layout is None else self.layout.place_data(data)
 
     def guard(self, label: str) -> Callable[[list[dict], Any], None]:
         limit = self.cfg.max_consecutive_skips
@@ -126,6 +136,8 @@ class Runner:
         """Restores the stage's latest checkpoint (if any), then trains to ``total``."""
         ckpt, meta = None, {"config_hash": sha256_json(dataclasses.asdict(stage_cfg)),
                             "key_data": key_data(key)}
+        if self.layout is not None:  # before a restore: it restores into these shardings
+            state = self.layout.place_state(state)
         if self.checkpoints is not None:
             ckpt = StageCheckpointer(self.checkpoints, label)
             latest = ckpt.latest_step()
@@ -139,7 +151,7 @@ class Runner:
                     select_fn=select_fn, label=label, log=self.log, show=show, progress=self.progress,
                     checkpoint_every=self.cfg.checkpoint_every,
                     on_checkpoint=(lambda st: self.save(ckpt, st, meta)) if ckpt else None,
-                    stop_after=stop, check=self.guard(label))
+                    stop_after=stop, check=self.guard(label), layout=self.layout)
         finally:
             if ckpt is not None:
                 ckpt.close()
@@ -169,7 +181,8 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     pcfg = cfg.pretrain
     k_init, k_train = jax.random.split(keys["pretrain"])
     eps = lm.smoothing_to_label_smoothing(pcfg.smoothing, enc.num_corpus_tokens, enc.vocab_size)
-    corpus = lm.make_data(enc.corpus_tokens, enc.corpus_mask, pcfg.batch_size, eps)
+    corpus = runner.place(lm.make_data(enc.corpus_tokens, enc.corpus_mask, pcfg.batch_size, eps))
+    held_corpus, held_demos = map(runner.place, lm.heldout_data(enc))
     if pcfg.mode == "exact":
         m0 = lm.fit_exact(k_init, pcfg, family, corpus)
     else:
@@ -179,13 +192,16 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     params["M0"] = m0.params
     metrics["M0"] = {"mode": pcfg.mode, "corpus_tokens": enc.num_corpus_tokens,
                      **_floats(lm.evaluate(m0.params, family, corpus)), "skipped_updates": int(m0.skipped)}
+    if held_corpus is not None:
+        metrics["M0"].update({f"heldout_{k}": v for k, v in _floats(lm.evaluate(m0.params, family, held_corpus)).items()},
+                             heldout_tokens=int(enc.heldout_corpus_mask.sum()))
     timings["M0"] = time.perf_counter() - t0
 
     # ---- M1: supervised fine-tuning on demonstrations
     t0 = time.perf_counter()
     scfg = cfg.sft
     k_init, k_train = jax.random.split(keys["sft"])
-    demos = lm.make_data(enc.sft_tokens, enc.sft_mask, scfg.batch_size)
+    demos = runner.place(lm.make_data(enc.sft_tokens, enc.sft_mask, scfg.batch_size))
     m1 = runner.train("sft", lm.init(k_init, scfg, family, params=m0.params), demos, k_train,
                       total=scfg.steps, log_every=scfg.log_every, step_fn=lm.step,
                       select_fn=lm.select_batch, show=("loss",), stage_cfg=scfg)
@@ -193,6 +209,10 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     metrics["M1"] = {"demo_nll_before": _floats(lm.evaluate(m0.params, family, demos))["nll"],
                      "demo_nll_after": _floats(lm.evaluate(m1.params, family, demos))["nll"],
                      "skipped_updates": int(m1.skipped)}
+    if held_demos is not None:
+        metrics["M1"].update(heldout_demos=int(held_demos["tokens"].shape[0]),
+                             heldout_demo_nll_before=_floats(lm.evaluate(m0.params, family, held_demos))["nll"],
+                             heldout_demo_nll_after=_floats(lm.evaluate(m1.params, family, held_demos))["nll"])
     timings["M1"] = time.perf_counter() - t0
 
     # ---- RM: Bradley-Terry reward model
@@ -200,7 +220,7 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     rcfg = cfg.reward
     k_split, k_init, k_train = jax.random.split(keys["reward"], 3)
     train_pairs, held_pairs = split_pairs(enc.pairs, k_split, rcfg.heldout_fraction)
-    train_pairs = jax.tree_util.tree_map(jnp.asarray, train_pairs)
+    train_pairs = runner.place(jax.tree_util.tree_map(jnp.asarray, train_pairs))
     rm = runner.train("reward", reward.init(k_init, rcfg, family), train_pairs, k_train, total=rcfg.steps,
                       log_every=rcfg.log_every, step_fn=reward.step, select_fn=reward.select_batch,
                       show=("loss", "accuracy"), stage_cfg=rcfg)
@@ -209,7 +229,7 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
                   "heldout_pairs": int(held_pairs["chosen"].shape[0]), "skipped_updates": int(rm.skipped),
                   **{f"train_{k}": v for k, v in _floats(reward.evaluate(rm.params, family, train_pairs)).items()}}
     if held_pairs["chosen"].shape[0]:
-        held = jax.tree_util.tree_map(jnp.asarray, held_pairs)
+        held = runner.place(jax.tree_util.tree_map(jnp.asarray, held_pairs))
         rm_metrics.update({f"heldout_{k}": v for k, v in _floats(reward.evaluate(rm.params, family, held)).items()})
     metrics["RM"] = rm_metrics
     timings["RM"] = time.perf_counter() - t0
@@ -222,8 +242,8 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     k_value, k_train, k_eval = jax.random.split(keys["ppo"], 3)
     value = family.init_value(k_value) if family.init_value is not None else None
     start_state = ppo.init(qcfg, family, m1.params, ref, rm.params, penalty, value=value)
-    ppo_data = {"prompt": jnp.asarray(enc.prompt), "prompt_mask": jnp.asarray(enc.prompt_mask),
-                "ptx_tokens": demos["tokens"], "ptx_mask": demos["mask"]}
+    ppo_data = runner.place({"prompt": jnp.asarray(enc.prompt), "prompt_mask": jnp.asarray(enc.prompt_mask),
+                             "ptx_tokens": demos["tokens"], "ptx_mask": demos["mask"]})
     m2 = runner.train("ppo", start_state, ppo_data, k_train, total=qcfg.iterations,
                       log_every=qcfg.log_every, step_fn=ppo.step, select_fn=ppo.select_batch,
                       show=("rm_score", "kl", "safety_penalty"), stage_cfg=qcfg)
@@ -323,8 +343,12 @@ def run_pipeline(
     progress: bool = True,
     resume: bool = False,
     stop_after: tuple[str, int] | None = None,
+    layout: Any = None,
 ) -> dict:
     """Runs every stage and writes the run directory; returns the summary.
+
+    ``layout`` (``sharding.make_layout``) runs every stage on a device mesh; the
+    manifest records it.  With several processes only process 0 writes files.
 
     ``resume=True`` continues the run in ``out_dir`` from its checkpoints and must see
     the same data (checked by hash).  ``stop_after=(stage, step)`` stops right after the
@@ -336,6 +360,7 @@ def run_pipeline(
         raise CodexError(f"{out}: the output path exists and is not a directory")
     tokenizer, enc = prepare(dataset, cfg)  # raises before anything is written
     hashes = data_hashes(enc)
+    primary = jax.process_index() == 0  # one writer per run directory (orbax saves are collective)
     record = {"config": cfg.to_dict(), "data_source": dataset.source, "data_hash": hashes}
     if resume:
         old = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -343,13 +368,19 @@ def run_pipeline(
             raise DataError(f"{out}: the data differ from the run being resumed (data hash mismatch)")
         kept = _resume_metrics(out)
     else:
-        if (out / "checkpoints").exists():
+        if primary and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")  # a fresh run must never restore a stale state
         kept = []
         out.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(out / "run.json", record)
-    artifacts.atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        if primary:
+            artifacts.write_json(out / "run.json", record)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("codex_jax.run_pipeline: run directory ready")
+    if primary:
+        artifacts.atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") if primary else contextlib.nullcontext() as fh:
         def log(rec: dict) -> None:
             fh.write(json.dumps(rec) + "\n")
 
@@ -357,37 +388,49 @@ def run_pipeline(
             fh.flush()
             os.fsync(fh.fileno())
 
-        runner = Runner(cfg=cfg, checkpoints=out / "checkpoints", log=log, progress=progress,
-                        stop_after=stop_after, sync=sync)
+        runner = Runner(cfg=cfg, checkpoints=out / "checkpoints", log=log if primary else None,
+                        progress=progress and primary, stop_after=stop_after, sync=sync if primary else None,
+                        layout=layout)
         results = run_stages(enc, tokenizer, cfg, runner)
 
+    results["params"] = to_host(results["params"])
+    mesh = layout.describe() if layout is not None else None
     fingerprints = {name: artifacts.fingerprint(p) for name, p in results["params"].items()}
+    summary = _summary(dataset, cfg, tokenizer, results, hashes, fingerprints, mesh, resume, t_start)
+    if primary:
+        _write_run_files(out, dataset, cfg, tokenizer, results, hashes, fingerprints, mesh, summary)
+    return summary
+
+
+def _summary(dataset, cfg, tokenizer, results, hashes, fingerprints, mesh, resume, t_start) -> dict:
+    return {
+        "model": cfg.model, "seed": cfg.seed, "data_source": dataset.source,
+        "vocab_size": tokenizer.vocab_size, "resumed": resume, "mesh": mesh,
+        "stages": results["metrics"], "objective": results.get("objective"),
+        "fingerprints": fingerprints,
+        "timings_s": {**results["timings"], "total": time.perf_counter() - t_start},
+        "versions": environment(),
+    }
+
+
+def _write_run_files(out, dataset, cfg, tokenizer, results, hashes, fingerprints, mesh, summary) -> None:
     for name, p in results["params"].items():
         artifacts.save_params(out / "params" / f"{name}.npz", p)
     tokenizer.save(out / "vocab.json")
     artifacts.atomic_write_bytes(out / "samples.jsonl", "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in results["samples"]).encode())
     artifacts.write_json(out / "config.json", cfg.to_dict())
-    env = environment()
     stage_cfg = {"M0": cfg.pretrain, "M1": cfg.sft, "RM": cfg.reward, "M2": cfg.ppo}
-    stage_data = {"M0": ["corpus"], "M1": ["demos"], "RM": ["prefs"], "M2": ["demos", "prefs"]}
+    stage_data = {"M0": ["corpus", "heldout"], "M1": ["demos", "heldout"], "RM": ["prefs"],
+                  "M2": ["demos", "prefs"]}
     manifest = {
-        "seed": cfg.seed, "model": cfg.model, "config_hash": cfg.config_hash(),
+        "seed": cfg.seed, "model": cfg.model, "config_hash": cfg.config_hash(), "mesh": mesh,
         "tokenizer_fingerprint": tokenizer.fingerprint(), "data_source": dataset.source,
-        "environment": env,
+        "environment": summary["versions"],
         "stages": {s: {"key_purpose": STAGE_LABEL[s], "key_data": results["keys"][STAGE_LABEL[s]],
                        "config_hash": sha256_json(dataclasses.asdict(stage_cfg[s])),
                        "data_hash": {d: hashes[d] for d in stage_data[s]},
                        "fingerprint": fingerprints[s]} for s in STAGES},
     }
-    summary = {
-        "model": cfg.model, "seed": cfg.seed, "data_source": dataset.source,
-        "vocab_size": tokenizer.vocab_size, "resumed": resume,
-        "stages": results["metrics"], "objective": results.get("objective"),
-        "fingerprints": fingerprints,
-        "timings_s": {**results["timings"], "total": time.perf_counter() - t_start},
-        "versions": env,
-    }
     artifacts.write_json(out / "manifest.json", manifest)
     artifacts.write_json(out / "summary.json", summary)
-    return summary

@@ -335,6 +335,7 @@ def run_sweep(enc, tokenizer, cfg, members: list[Member], *, eval_every: int = 0
     pcfg = cfg.pretrain
     eps = lm.smoothing_to_label_smoothing(pcfg.smoothing, enc.num_corpus_tokens, enc.vocab_size)
     corpus = lm.make_data(enc.corpus_tokens, enc.corpus_mask, pcfg.batch_size, eps)
+    held_corpus, held_demos = lm.heldout_data(enc)
     split2 = lambda s, p: jax.random.split(keys[s][p])
     if pcfg.mode == "exact":
         reps0, idx0 = [0], [0] * k_all
@@ -361,6 +362,11 @@ def run_sweep(enc, tokenizer, cfg, members: list[Member], *, eval_every: int = 0
     group_metrics["M0"] = [{"mode": pcfg.mode, "corpus_tokens": enc.num_corpus_tokens,
                             "nll": float(ev["nll"][g]), "perplexity": float(ev["perplexity"][g]),
                             "skipped_updates": int(m0_skipped[g])} for g in range(len(reps0))]
+    if held_corpus is not None:
+        ev = _map_eval(_eval_lm, params["M0"], held_corpus, family)
+        for g, rec in enumerate(group_metrics["M0"]):
+            rec.update({f"heldout_{k}": float(v[g]) for k, v in ev.items()},
+                       heldout_tokens=int(enc.heldout_corpus_mask.sum()))
     timings["M0"] = time.perf_counter() - t0
 
     # ---- M1
@@ -385,6 +391,12 @@ def run_sweep(enc, tokenizer, cfg, members: list[Member], *, eval_every: int = 0
     skipped = np.asarray(states.skipped)
     group_metrics["M1"] = [{"demo_nll_before": float(before["nll"][g]), "demo_nll_after": float(after["nll"][g]),
                             "skipped_updates": int(skipped[g])} for g in range(len(reps1))]
+    if held_demos is not None:
+        before = _map_eval(_eval_lm, start, held_demos, family)
+        after = _map_eval(_eval_lm, states.params, held_demos, family)
+        for g, rec in enumerate(group_metrics["M1"]):
+            rec.update(heldout_demos=int(held_demos["tokens"].shape[0]), heldout_demo_nll_before=float(before["nll"][g]),
+                       heldout_demo_nll_after=float(after["nll"][g]))
     timings["M1"] = time.perf_counter() - t0
 
     # ---- RM (the train / held-out split is drawn per seed, so its data are stacked)

@@ -343,7 +343,8 @@ LM = {"mode": (CHOICE, ("exact", "gradient")), "steps": (INT, 1), "batch_size": 
 SECTIONS = {
     "": {"seed": (INT, 0), "model": (CHOICE, ("unigram", "transformer")), "checkpoint_every": (INT, 0),
          "max_consecutive_skips": (INT, 1)},
-    "data": {"context_len": (INT, 2), "max_prompt_len": (INT, 2), "max_response_len": (INT, 2)},
+    "data": {"context_len": (INT, 2), "max_prompt_len": (INT, 2), "max_response_len": (INT, 2),
+             "heldout_fraction": (FLOAT, 0.0, 0.5, False)},
     "tokenizer": {"mode": (CHOICE, ("regex", "whitespace")), "lowercase": (BOOL,), "min_count": (INT, 1),
                   "max_size": (INT, 5)},
     "pretrain": LM,

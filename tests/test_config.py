@@ -52,7 +52,7 @@ FLOAT_FIELDS = [
     (OptimConfig, "grad_clip", 0.0, INF, False),
     (LMConfig, "smoothing", 0.0, INF, False),
     (RewardConfig, "l2", 0.0, INF, False),
-    (RewardConfig, "heldout_fraction", 0.0, 0.5, False),
+    (RewardConfig, "heldout_fraction", 0.0, 0.5, False), (DataConfig, "heldout_fraction", 0.0, 0.5, False),
     (PPOConfig, "clip", 0.0, INF, True),
     (PPOConfig, "kl_coef", 0.0, INF, False),
     (PPOConfig, "kl_target", 0.0, INF, True),
