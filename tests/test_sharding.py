@@ -168,3 +168,46 @@ def test_cli_on_four_devices_records_the_mesh_and_audit_reproduces_it(tmp_path):
                            env=_env(FOUR), capture_output=True, text=True, timeout=600)
     assert audit.returncode == 0, audit.stdout + audit.stderr[-3000:]
     assert "data=2,model=2,fsdp on 4 cpu" in audit.stdout and "verdict: PASS" in audit.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_match_one_process_on_the_same_mesh(tmp_path):
+    """``--distributed``: 2 processes x 2 CPU devices (gloo collectives) run the same
+    data=4 mesh as 1 process x 4 devices; only process 0 writes the run files."""
+    from codex_jax.artifacts import load_params
+
+    data = write_dataset(tmp_path / "data")
+    config = write_config(tmp_path / "tiny.json", TINY_CONFIG)
+    base = [sys.executable, "-m", "codex_jax.cli", "run", "--quiet", "--data", str(data), "--config", str(config),
+            "--mesh", "data=4"]
+    port = _free_port()
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(base + ["--out", str(tmp_path / "multi"), "--distributed", "--coordinator",
+                                      f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=_env(two), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    single = subprocess.run(base + ["--out", str(tmp_path / "single")], env=_env(FOUR), capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi_sum, single_sum = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("multi", "single"))
+    assert multi_sum["mesh"]["processes"] == 2 and single_sum["mesh"]["processes"] == 1
+    assert multi_sum["mesh"]["devices"] == single_sum["mesh"]["devices"] == 4
+    assert multi_sum["fingerprints"]["M0"] == single_sum["fingerprints"]["M0"]
+    for stage in ("M1", "RM", "M2"):
+        a, b = load_params(tmp_path / "multi" / "params" / f"{stage}.npz"), load_params(
+            tmp_path / "single" / "params" / f"{stage}.npz")
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=f"{stage} {k}")
+    records = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["stage"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)) > 0  # one writer: no record twice
