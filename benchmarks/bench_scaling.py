@@ -13,6 +13,8 @@ median of ``repeats`` calls of ``loop.run_steps``, ``block_until_ready``):
   (``batch`` rows of ``seq`` tokens) split over n devices;
 * ``pretrain_weak``: the same with ``batch`` rows *per device* (global batch n x batch);
 * ``reward_strong``: transformer reward-model (Bradley-Terry) steps, fixed global batch;
+* ``ppo_strong``: one PPO iteration (rollouts with the KV cache, reference / value /
+  reward passes, GAE, epochs x minibatches of updates), fixed number of rollouts;
 * ``count``: the symbolic family's token count over a packed corpus split over n devices.
 
 Reported per workload and n: seconds per call, tokens (or pairs) per second,
@@ -40,9 +42,11 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 FULL = {"layers": 2, "d_model": 128, "heads": 4, "vocab": 2048, "seq": 128, "batch": 16, "steps": 3,
-        "pairs": 32, "pair_len": 48, "corpus_rows": 4096, "corpus_len": 256, "repeats": 5}
+        "pairs": 32, "pair_len": 48, "rollouts": 32, "prompt_len": 32, "response_len": 32,
+        "corpus_rows": 4096, "corpus_len": 256, "repeats": 5}
 QUICK = {"layers": 1, "d_model": 64, "heads": 2, "vocab": 512, "seq": 64, "batch": 8, "steps": 2,
-         "pairs": 16, "pair_len": 24, "corpus_rows": 512, "corpus_len": 128, "repeats": 3}
+         "pairs": 16, "pair_len": 24, "rollouts": 8, "prompt_len": 8, "response_len": 8,
+         "corpus_rows": 512, "corpus_len": 128, "repeats": 3}
 
 
 def _median_seconds(fn, repeats: int) -> tuple[float, float]:
@@ -64,14 +68,14 @@ def worker(n: int, p: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from codex_jax import kernels, lm, loop, reward
-    from codex_jax.config import LMConfig, OptimConfig, RewardConfig, TransformerConfig
+    from codex_jax import kernels, lm, loop, ppo, reward
+    from codex_jax.config import LMConfig, OptimConfig, PPOConfig, RewardConfig, TransformerConfig
     from codex_jax.family import make_family
     from codex_jax.sharding import make_layout
 
     layout = make_layout({"data": n, "model": 1})
     family = make_family("transformer", p["vocab"], TransformerConfig(
-        layers=p["layers"], d_model=p["d_model"], heads=p["heads"], context_len=max(p["seq"], p["pair_len"])))
+        layers=p["layers"], d_model=p["d_model"], heads=p["heads"], context_len=max(p["seq"], p["pair_len"], 1 + p["prompt_len"] + p["response_len"])))
     key = jax.random.key(0)
     out = {"devices": n}
 
@@ -101,6 +105,20 @@ def worker(n: int, p: dict) -> dict:
                                                     layout=layout), p["repeats"])
     out["reward_strong"] = {"seconds": sec, "pairs_per_s": p["pairs"] * p["steps"] / sec}
 
+    qcfg = PPOConfig(iterations=10_000, rollouts=p["rollouts"], response_len=p["response_len"], epochs=2,
+                     minibatches=2, ptx_batch_size=1, optim=OptimConfig(lr=1e-5))
+    prompts = jax.random.randint(jax.random.fold_in(key, 5), (p["rollouts"] * 2, p["prompt_len"]), 4, p["vocab"])
+    pdata = layout.place_data({"prompt": prompts, "prompt_mask": jnp.ones(prompts.shape, jnp.float32),
+                               "ptx_tokens": prompts[:, :2], "ptx_mask": jnp.ones((prompts.shape[0], 2))})
+    policy = family.init_policy(jax.random.fold_in(key, 6))
+    qstate = layout.place_state(ppo.init(qcfg, family, policy, policy, rstate.params,
+                                         jnp.zeros(p["vocab"], jnp.float32),
+                                         value=family.init_value(jax.random.fold_in(key, 7))))
+    sec, _ = _median_seconds(lambda: loop.run_steps(qstate, pdata, key, step_fn=ppo.step,
+                                                    select_fn=ppo.select_batch, num_steps=1, layout=layout),
+                             max(3, p["repeats"] // 2))
+    out["ppo_strong"] = {"seconds": sec, "tokens_per_s": p["rollouts"] * p["response_len"] / sec}
+
     ids = jax.random.randint(jax.random.fold_in(key, 4), (p["corpus_rows"], p["corpus_len"]), 0, p["vocab"])
     placed = layout.place_data({"ids": ids, "mask": jnp.ones(ids.shape, jnp.float32)})
     count = jax.jit(kernels.batch_count_tokens, static_argnums=2)
@@ -110,7 +128,7 @@ def worker(n: int, p: dict) -> dict:
 
 
 RATE = {"pretrain_strong": "tokens_per_s", "pretrain_weak": "tokens_per_s", "reward_strong": "pairs_per_s",
-        "count": "tokens_per_s"}
+        "ppo_strong": "tokens_per_s", "count": "tokens_per_s"}
 
 
 def main() -> None:

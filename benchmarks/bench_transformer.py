@@ -52,10 +52,11 @@ calls - ``--repeats`` PPO iterations, >= 5 of everything cheaper - every call en
     coarser ``count_flops`` view (head on every one of the P + T tokens, ``decode`` over
     P + T steps) - the ~1.0 TFLOP figure quoted for the reference config.
 
-The PPO-ptx term is computed even at ``ptx_coef = 0`` (``loss = pg + 0 * ptx``), so the
-benchmark feeds one 2-token demonstration row (``ptx_batch_size = 1``) to keep it out of
-the measurement; ``--ptx-rows R --ptx-len L`` measures what a realistic demonstration
-batch costs on top.
+At ``ptx_coef = 0`` the PPO-ptx term is left out of every minibatch gradient (it is
+static config) and its loss is reported from one forward pass per iteration over the
+demonstration batch; the benchmark feeds one 2-token demonstration row
+(``ptx_batch_size = 1``), and ``--ptx-rows R --ptx-len L`` measures what that one
+reporting pass costs for a realistic batch.
 
 ``--profile DIR`` traces one pretraining gradient and one PPO iteration with
 ``jax.profiler`` and adds ``profile``: thunk time per op category (from the HLO op_name

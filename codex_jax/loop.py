@@ -20,6 +20,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from codex_jax.sharding import shard_rows
+
 
 @functools.partial(jax.jit, static_argnames=("step_fn", "select_fn", "num_steps", "layout"))
 def run_steps(state, data, key, *, step_fn: Callable, select_fn: Callable, num_steps: int, layout=None):
@@ -34,13 +36,17 @@ def run_steps(state, data, key, *, step_fn: Callable, select_fn: Callable, num_s
     def body(state, _):
         batch = select_fn(state, data, jax.random.fold_in(key_data, state.step))
         if layout is not None:
-            batch = layout.constrain_batch(batch)
+            batch = shard_rows(batch)
         state, metrics = step_fn(state, batch, jax.random.fold_in(key_step, state.step))
         if layout is not None:
             state = layout.constrain_state(state)
         return state, metrics
 
-    return jax.lax.scan(body, state, None, length=num_steps)
+    if layout is None:
+        return jax.lax.scan(body, state, None, length=num_steps)
+    # the mesh as tracing context, for batches a step builds itself (sharding.shard_rows)
+    with jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh):
+        return jax.lax.scan(body, state, None, length=num_steps)
 
 
 class Progress:

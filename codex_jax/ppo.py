@@ -26,6 +26,7 @@ from codex_jax import kernels
 from codex_jax.config import PPOConfig
 from codex_jax.family import Family
 from codex_jax.optim import make_optimizer
+from codex_jax.sharding import shard_rows
 from codex_jax.updates import apply_gradients
 
 
@@ -142,8 +143,10 @@ def loss_fn(trainable: dict, state: PPOState, mb: dict, ptx: dict) -> tuple[jax.
                                  cfg.temperature)
     pg_loss, metrics = kernels.clipped_surrogate(logp, mb["old_logp"], mb["advantages"],
                                                  mb["mask"], cfg.clip)
-    ptx_loss = kernels.masked_mean(fam.token_nll(policy, ptx["ptx_tokens"], 0.0), ptx["ptx_mask"])
-    loss = pg_loss + cfg.ptx_coef * ptx_loss
+    loss, extra = pg_loss, {}
+    if cfg.ptx_coef > 0:  # static: at 0 the demonstration pass would only add 0 * L_SFT
+        ptx_loss = _ptx_loss(fam, policy, ptx)
+        loss, extra = loss + cfg.ptx_coef * ptx_loss, {"ptx_loss": ptx_loss}
     if trainable["value"] is not None:
         v = fam.values(trainable["value"], mb["prompt"], mb["prompt_mask"], mb["response"])
         v_clipped = mb["old_values"] + jnp.clip(v - mb["old_values"], -cfg.value_clip, cfg.value_clip)
@@ -151,7 +154,12 @@ def loss_fn(trainable: dict, state: PPOState, mb: dict, ptx: dict) -> tuple[jax.
         value_loss = kernels.masked_mean(vf, mb["mask"])
         loss = loss + cfg.vf_coef * value_loss
         metrics = {**metrics, "value_loss": value_loss}
-    return loss, {**metrics, "pg_loss": pg_loss, "ptx_loss": ptx_loss}
+    return loss, {**metrics, **extra, "pg_loss": pg_loss}
+
+
+def _ptx_loss(fam, policy, ptx: dict) -> jax.Array:
+    """L_SFT of the policy on a demonstration batch (per completion token)."""
+    return kernels.masked_mean(fam.token_nll(policy, ptx["ptx_tokens"], 0.0), ptx["ptx_mask"])
 
 
 def update_kl_coef(cfg: PPOConfig, kl_coef: jax.Array, kl: jax.Array) -> jax.Array:
@@ -173,7 +181,7 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
 
     def minibatch_update(carry, idx):
         trainable, opt_state, skipped = carry
-        mb = {name: roll[name][idx] for name in fields}
+        mb = shard_rows({name: roll[name][idx] for name in fields})  # data-parallel on a mesh
         grads, metrics = grad_fn(trainable, state, mb, ptx)
         trainable, opt_state, ok = apply_gradients(state.tx, trainable, opt_state, grads)
         return (trainable, opt_state, skipped + 1 - ok.astype(jnp.int32)), metrics
@@ -196,6 +204,8 @@ def step(state: PPOState, batch: dict, key: jax.Array) -> tuple[PPOState, dict]:
         trainable = jax.tree_util.tree_map(keep, trainable, start)
         opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
         kl_coef = jnp.where(kl_skip, state.kl_coef, kl_coef)
+    if cfg.ptx_coef == 0:  # not trained on: reported once, for the updated policy
+        mb_metrics = {**mb_metrics, "ptx_loss": _ptx_loss(state.family, trainable["policy"], ptx)}
     metrics = {
         **roll["stats"],
         **jax.tree_util.tree_map(jnp.mean, mb_metrics),

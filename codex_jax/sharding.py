@@ -100,9 +100,19 @@ class Layout:
         return jax.tree_util.tree_map(
             lambda x: jax.lax.with_sharding_constraint(x, self._named(self.param_spec(x.shape))), state)
 
-    def constrain_batch(self, batch: Any) -> Any:
-        return jax.tree_util.tree_map(
-            lambda x: jax.lax.with_sharding_constraint(x, self._named(self.rows_spec(x.shape))), batch)
+
+def shard_rows(tree: Any) -> Any:
+    """Inside a stage step: split each leaf's leading (example) axis over the "data"
+    axis of the mesh ``loop.run_steps`` traces under (a no-op without one, or where
+    the axis does not divide).  For batches a step builds itself, e.g. PPO minibatches
+    gathered from the rollouts: without it GSPMD replicates the gathered rows and every
+    device would compute the whole minibatch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in mesh.axis_names or mesh.shape["data"] == 1:
+        return tree
+    n = mesh.shape["data"]
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.with_sharding_constraint(x, P("data")) if x.ndim and x.shape[0] % n == 0 else x, tree)
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

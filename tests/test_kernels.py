@@ -182,3 +182,48 @@ def test_keyed_permutation_is_a_bijection_and_looks_uniform(n):
         counts = np.bincount(np.asarray(first(jax.random.split(key, 2100))), minlength=7)
         chi2 = ((counts - 300.0) ** 2 / 300.0).sum()
         assert chi2 < 22.5, counts  # p ~ 0.001 at 6 degrees of freedom
+
+
+# --------------------------------------------------------------------------- fused tied head
+def _head_reference(hidden, embedding, targets, eps):
+    """The unfused definition: log_softmax of the tied head, autodiff for the gradient."""
+    logits = jnp.einsum("nd,vd->nv", hidden, embedding, preferred_element_type=jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return (1.0 - eps) * nll - eps * jnp.mean(logp, axis=-1)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_tied_head_matches_autodiff_of_log_softmax(eps):
+    key = jax.random.key(11)
+    n, d, v = 24, 8, 37
+    hidden = jax.random.normal(key, (n, d))
+    embedding = jax.random.normal(jax.random.fold_in(key, 1), (v, d)) * 0.5
+    targets = jax.random.randint(jax.random.fold_in(key, 2), (n,), 0, v)
+    weights = jax.random.uniform(jax.random.fold_in(key, 3), (n,))
+    eps = jnp.float32(eps)
+
+    def loss(fn):
+        return lambda h, e: jnp.sum(weights * fn(h, e, targets, eps))
+
+    want, want_grads = jax.value_and_grad(loss(_head_reference), argnums=(0, 1))(hidden, embedding)
+    for got_fn in (jax.value_and_grad(loss(kernels.tied_head_nll), argnums=(0, 1)),
+                   jax.jit(jax.value_and_grad(loss(kernels.tied_head_nll), argnums=(0, 1)))):
+        got, got_grads = got_fn(hidden, embedding)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for g, w in zip(got_grads, want_grads):
+            chex.assert_trees_all_close(g, w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(kernels.tied_head_nll(hidden, embedding, targets, eps),
+                               _head_reference(hidden, embedding, targets, eps), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_tied_head_keeps_bfloat16_gradients_in_bfloat16():
+    key = jax.random.key(12)
+    hidden = jax.random.normal(key, (6, 8), jnp.bfloat16)
+    embedding = jax.random.normal(jax.random.fold_in(key, 1), (11, 8), jnp.float32)
+    targets = jnp.arange(6) % 11
+    f = lambda h, e: jnp.sum(kernels.tied_head_nll(h, e, targets, jnp.float32(0.0)))
+    gh, ge = jax.grad(f, argnums=(0, 1))(hidden, embedding)
+    assert gh.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
+    ref = jax.grad(lambda e: jnp.sum(_head_reference(hidden.astype(jnp.float32), e, targets, 0.0)))(embedding)
+    chex.assert_trees_all_close(ge, ref, rtol=5e-2, atol=5e-2)

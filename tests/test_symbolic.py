@@ -197,6 +197,24 @@ def test_ppo_step_jit_and_no_jit_agree_and_seeds_matter():
     assert not np.array_equal(s_other.policy["logits"], s_jit.policy["logits"])
 
 
+def test_ptx_demonstrations_move_the_policy_only_when_ptx_coef_is_positive():
+    """At ptx_coef = 0 the demonstration term is out of the gradient (not 0 * L_SFT):
+    other demonstrations leave the update bit for bit unchanged, and their loss is
+    still reported; at ptx_coef > 0 they change it."""
+    vocab = 8
+    ref, rm, penalty, data = _ppo_problem(0.5, vocab=vocab)
+    key = jax.random.PRNGKey(17)
+    for coef in (0.0, 0.5):
+        cfg = PPOConfig(iterations=2, rollouts=32, response_len=4, minibatches=2, ptx_coef=coef, ptx_batch_size=2)
+        state = ppo.init(cfg, symbolic.unigram_family(vocab), ref, ref, rm, penalty)
+        batch = ppo.select_batch(state, data, key)
+        other = {**batch, "ptx_tokens": (batch["ptx_tokens"] + 3) % vocab}
+        (a, ma), (b, mb) = jax.jit(ppo.step)(state, batch, key), jax.jit(ppo.step)(state, other, key)
+        assert np.isfinite(ma["ptx_loss"]) and ma["ptx_loss"] != mb["ptx_loss"]
+        same = np.array_equal(a.policy["logits"], b.policy["logits"])
+        assert same == (coef == 0.0), coef
+
+
 def test_chunked_training_is_bitwise_equal_to_one_chunk():
     """Keys and batches depend on the absolute step only, so chunking changes nothing."""
     ids, mask = _rows(jax.random.PRNGKey(17))
