@@ -254,9 +254,17 @@ def response_logits(cfg, vocab_size, params, prompt, prompt_mask, response):
 
 
 def response_logprobs(cfg, vocab_size, params, prompt, prompt_mask, response, temperature=1.0):
-    """log softmax(logits / temperature)[response_t], one full forward pass.  -> f32 [B, T]."""
-    logits = response_logits(cfg, vocab_size, params, prompt, prompt_mask, response)
-    return kernels.gather_logprobs(logits / temperature, response.astype(jnp.int32))
+    """log softmax(logits / temperature)[response_t], one full forward pass.  -> f32 [B, T].
+
+    logits / T = (hidden / T) E^T, so this is the fused tied-head NLL of hidden / T
+    (``kernels.tied_head_nll``), whose backward pass PPO's updates run."""
+    tokens, valid, positions, out_idx = sequence(prompt, prompt_mask, response)
+    hidden = _gather(hidden_states(cfg, vocab_size, params, tokens, valid, positions), out_idx)  # [B, T, D]
+    b, t, d = hidden.shape
+    scaled = (hidden.astype(jnp.float32) / temperature).astype(hidden.dtype).reshape(b * t, d)
+    nll = kernels.tied_head_nll(scaled, params["params"]["embed"]["embedding"],
+                                response.reshape(-1).astype(jnp.int32), jnp.zeros((), jnp.float32))
+    return -nll.reshape(b, t)
 
 
 # --------------------------------------------------------------------------- reward / value
