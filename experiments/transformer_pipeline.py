@@ -13,9 +13,9 @@ evaluates on its whole data set (the pipeline's summary), about 40% of the time.
 writes the run directory (``--run-dir``, default a temporary one); the curves come
 from its metrics.jsonl.
 
-Evaluation: 64 demonstration prompts (drawn with a fixed seed among those that fit
-``data.max_prompt_len`` untruncated; they are training prompts -- the data have no
-held-out demonstrations), 4 draws each, the same prompts and sampling key for M1 and
+Evaluation: 64 held-out demonstration prompts (``data.heldout_fraction``: never trained
+on by SFT, never a PPO prompt; drawn with a fixed seed among those that fit
+``data.max_prompt_len`` untruncated), 4 draws each, the same prompts and sampling key for M1 and
 M2, up to 64 response tokens (stopping at EOS), temperatures 1.0 and 0.7.  A completion
 "parses" if ``ast.parse(prompt + completion)`` succeeds -- an empty completion parses
 too (the prompt's docstring is a valid body), so "parses and is not empty" is shown
@@ -105,7 +105,8 @@ def main() -> int:
 
     from codex_jax import artifacts, pipeline
     from codex_jax.family import make_family
-    from codex_jax.tokenizer import EOS_ID
+    from codex_jax.encode import heldout_flags
+    from codex_jax.tokenizer import EOS_ID, pack_ids
 
     timer = C.Timer()
     cfg = make_config(args.quick)
@@ -124,12 +125,14 @@ def main() -> int:
     family = make_family("transformer", enc.vocab_size, cfg.transformer)
     params = {s: artifacts.load_params(run_dir / "params" / f"{s}.npz") for s in ("M1", "M2")}
     demos = dataset.demos
-    fits = [i for i, text in enumerate(demos.prompts) if len(tokenizer.encode(text)) <= cfg.data.max_prompt_len]
+    held = heldout_flags([p + "\0" + c for p, c in zip(demos.prompts, demos.completions)], cfg.data.heldout_fraction)
+    fits = [i for i, text in enumerate(demos.prompts)
+            if held[i] and len(tokenizer.encode(text)) <= cfg.data.max_prompt_len]
     rng = np.random.default_rng(0)
     chosen = sorted(rng.choice(fits, size=min(N_PROMPTS, len(fits)), replace=False).tolist())
     rows = [i for i in chosen for _ in range(SAMPLES_PER_PROMPT)]
-    prompt = jnp.asarray(enc.prompt[rows])
-    pmask = jnp.asarray(enc.prompt_mask[rows])
+    packed = pack_ids([np.asarray(tokenizer.encode(demos.prompts[i]), np.int32) for i in rows])
+    prompt, pmask = jnp.asarray(packed.ids), jnp.asarray(packed.mask, jnp.float32)
     unsafe_ids = set(pipeline.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens))
     key = jax.random.key(1234)
 
