@@ -155,7 +155,7 @@ def _check_record(path: Path, lineno: int, obj: object, fields: tuple[str, ...])
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            # A lone "\udXXX" escape is valid JSON but not encodable text.
+            # A lone surrogate escape (e.g. "\ud800") is valid JSON but not encodable text.
             raise DataError(f"{where}: field {name!r}: contains an unpaired surrogate escape") from None
     if len(obj) != len(fields):
         extra = next(k for k in obj if k not in fields)

@@ -56,6 +56,13 @@ def default_dataset(max_files: int | None = None):
     return dataclasses.replace(data.load_dataset(out), source=f"default (first {max_files} files)")
 
 
+def twin_legend(ax, twin, **kwargs) -> None:
+    """One legend on ``ax`` for its lines and those of its ``twinx()`` axis."""
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, **kwargs)
+
+
 def save(fig, out: str | pathlib.Path, name: str, record: dict, dpi: int = 100) -> None:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -211,9 +211,7 @@ def main() -> int:
     axr.set_ylabel("accuracy")
     axr.set_ylim(0.3, 1.02)
     ax.set_title("RM: loss and pairwise accuracy")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = axr.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="center right")
+    C.twin_legend(ax, axr, fontsize=8, loc="center right")
     ax.grid(alpha=0.3)
     ax = axes[0, 2]
     x, y = curve("ppo", "rm_score")
@@ -235,9 +233,7 @@ def main() -> int:
     x, y = curve("ppo", "kl_coef")
     axk.plot(x, y, color="0.4", linestyle="--", label="kl_coef")
     axk.set_ylabel("kl_coef")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = axk.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    C.twin_legend(ax, axk, fontsize=8)
     ax.set_title("PPO: KL to the SFT reference")
     ax.grid(alpha=0.3)
     ax = axes[1, 1]
@@ -250,9 +246,7 @@ def main() -> int:
     axl = ax.twinx()
     axl.plot(x, y, color="0.4", linestyle="--", label="response length")
     axl.set_ylabel("tokens")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = axl.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    C.twin_legend(ax, axl, fontsize=8)
     ax.set_title("PPO: losses and response length")
     ax.grid(alpha=0.3)
     ax = axes[1, 2]
