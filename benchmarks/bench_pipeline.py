@@ -40,10 +40,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import monitoring  # noqa: E402
 
-from codex_jax import data as data_mod  # noqa: E402
-from codex_jax import default_data, kernels, pipeline  # noqa: E402
 from codex_jax.config import PipelineConfig  # noqa: E402
-from codex_jax.tokenizer import Tokenizer  # noqa: E402
+from codex_jax.core import kernels
+from codex_jax.data import records as data_mod  # noqa: E402
+from codex_jax.data import stdlib as default_data
+from codex_jax.data.tokenizer import Tokenizer  # noqa: E402
+from codex_jax.run import pipeline  # noqa: E402
+from codex_jax.stages import reward  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from numpy_reference import run_numpy_pipeline, train_reward  # noqa: E402
@@ -117,14 +120,14 @@ def timed_run_stages(enc, tokenizer, cfg, clog: CompileLog, split_spy: dict) -> 
 def spy_on_split(store: dict):
     """Records the (train, held-out) pairs the JAX run draws, so the NumPy reference
     scores its RM on the same held-out pairs.  Observation only."""
-    original = pipeline.split_pairs
+    original = reward.split_pairs
 
     def split_pairs(*args, **kwargs):
         out = original(*args, **kwargs)
         store["split"] = out
         return out
 
-    pipeline.split_pairs = split_pairs
+    reward.split_pairs = split_pairs
 
 
 def exact_terms(metrics_m2: dict, rm_metrics: dict) -> dict:

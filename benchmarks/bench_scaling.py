@@ -5,7 +5,7 @@ devices; prints ONE JSON line (and a Markdown table with --table).
 
 Each device count runs in its own process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=<max>`` (JAX fixes the device count
-at start-up) and ``codex_jax.sharding.make_layout({"data": n})``, i.e. exactly what
+at start-up) and ``codex_jax.core.sharding.make_layout({"data": n})``, i.e. exactly what
 ``codex-jax run --mesh data=n`` does.  Workloads (all timed after a compiling call,
 median of ``repeats`` calls of ``loop.run_steps``, ``block_until_ready``):
 
@@ -68,14 +68,17 @@ def worker(n: int, p: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from codex_jax import kernels, lm, loop, ppo, reward
     from codex_jax.config import LMConfig, OptimConfig, PPOConfig, RewardConfig, TransformerConfig
-    from codex_jax.family import make_family
-    from codex_jax.sharding import make_layout
+    from codex_jax.core import kernels
+    from codex_jax.core.sharding import make_layout
+    from codex_jax.models.registry import make_family
+    from codex_jax.run import train as loop
+    from codex_jax.stages import lm, ppo, reward
 
     layout = make_layout({"data": n, "model": 1})
     family = make_family("transformer", p["vocab"], TransformerConfig(
-        layers=p["layers"], d_model=p["d_model"], heads=p["heads"], context_len=max(p["seq"], p["pair_len"], 1 + p["prompt_len"] + p["response_len"])))
+        layers=p["layers"], d_model=p["d_model"], heads=p["heads"],
+        context_len=max(p["seq"], p["pair_len"], 1 + p["prompt_len"] + p["response_len"])))
     key = jax.random.key(0)
     out = {"devices": n}
 

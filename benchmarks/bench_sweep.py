@@ -37,10 +37,12 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import numpy as np
 
-from codex_jax import artifacts, default_data, pipeline, sweep, symbolic
-from codex_jax import data as data_mod
 from codex_jax.config import load_config
-from codex_jax.manifest import environment
+from codex_jax.data import records as data_mod
+from codex_jax.data import stdlib as default_data
+from codex_jax.models import symbolic
+from codex_jax.run import artifacts, pipeline, sweep
+from codex_jax.run.manifest import environment
 
 STAGES = ("M0", "M1", "RM", "M2")
 

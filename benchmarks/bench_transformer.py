@@ -9,19 +9,19 @@ What is measured (all compiled, all after a warm-up call, each the median of >= 
 calls - ``--repeats`` PPO iterations, >= 5 of everything cheaper - every call ending in
 ``block_until_ready``):
 
-  * ``matmul_peak_gflops``: ``jax.jit(jnp.dot)`` of two n x n float32 matrices (n = 2048;
-    1024 with --quick), 2 n^3 FLOPs per call; the median of every sample taken in the run:
-    9 at the start, 9 at the end and one before and one after each timed workload call.
-  * MFU on a shared machine.  Other jobs can take cores away mid-run (on the 2-core
-    development VM the matmul peak moved between ~40 and ~260 GFLOP/s within minutes), so
-    ``pretrain_mfu`` / ``ppo_mfu`` are the median over the timed calls of
-    (FLOPs / seconds) / (mean of the peak samples just before and just after that call).
-    Also reported: the same against the run-median peak (``*_vs_run_peak``) and against
-    the best sample (``*_vs_best_peak``, the conservative figure), the load average, the
-    Linux CPU pressure (PSI) and how many cores this process actually got during the timed
-    calls (``cores_used``).  ``contended`` is true when the process got < 1.5 of the
-    2 cores or the peak samples spread by more than 1.5x: trust such a run's MFU only
-    loosely (contention slows the 2048^2 matmul more than the model, which inflates MFU).
+  * ``matmul_peak``: ``jax.jit(jnp.dot)`` of two n x n float32 matrices (n = 2048; 1024
+    with --quick), 2 n^3 FLOPs per call, the median of 9 samples taken at the start of
+    the run before any workload, on an otherwise idle machine (the 1-minute load average
+    then is recorded; at >= 0.5 the script warns that the peak is understated).  The
+    headline ``pretrain_mfu_vs_idle_peak`` / ``ppo_mfu_vs_idle_peak`` are against it.
+  * Secondary MFU figures for a shared machine, where other jobs take cores mid-run:
+    ``pretrain_mfu`` / ``ppo_mfu`` are the median over the timed calls of (FLOPs /
+    seconds) / (mean of the peak samples just before and just after that call), and
+    ``*_vs_run_peak`` / ``*_vs_best_peak`` use the median / best of all samples; with the
+    load average, the Linux CPU pressure (PSI), the cores this process got during the
+    timed calls (``cores_used``) and ``contended`` (< 1.5 cores, or samples spread > 1.5x).
+  * No figure of another library or machine is built in: ``--peer-cmd CMD`` runs a peer's
+    benchmark of the same work in this run, on this machine, and only then is a ratio printed.
   * Pretraining: ``loop.run_steps(step_fn=lm.step, select_fn=lm.select_batch)`` of
     ``pretrain_steps`` steps on uniformly random token rows (ids 4..V-1, full masks).
     FLOPs per step = ``transformer.count_flops(cfg, V, batch, L, kind="train")``, which
@@ -68,23 +68,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codex_jax import generate, lm, loop, ppo
-from codex_jax import transformer as tf
 from codex_jax.config import LMConfig, OptimConfig, PPOConfig, TransformerConfig
-from codex_jax.family import make_family
-from codex_jax.updates import apply_gradients
+from codex_jax.core.optim import apply_gradients
+from codex_jax.models import generate
+from codex_jax.models import transformer as tf
+from codex_jax.models.registry import make_family
+from codex_jax.run import train as loop
+from codex_jax.stages import lm, ppo
 
 PRETRAIN_TARGET_MFU = 0.50
 PPO_TARGET_MFU = 0.40
 ISSUE_PPO_TFLOP = 1.0
-PYTORCH_REFERENCE = {"iteration_s": 9.0, "mfu": 0.25}  # the issue's figures on its 2-core CPU
 
 FULL = {
     "model": {"layers": 4, "d_model": 256, "heads": 4, "context_len": 256},
@@ -304,7 +308,7 @@ def bench_ppo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak, breakdo
     res = {
         "iteration": timed(iteration, repeats, peak),
         "rollout": timed(lambda: rollout(state, batch, k_sample), max(repeats, 5), peak),
-        "generation": timed(lambda: sample(state.policy, k_sample, batch["prompt"], batch["prompt_mask"],
+        "generation": timed(lambda: sample(state.params["policy"], k_sample, batch["prompt"], batch["prompt_mask"],
                                            t, pcfg.temperature), max(repeats, 5), peak),
     }
     it, ro, gen = (res[k]["median"] for k in ("iteration", "rollout", "generation"))
@@ -338,7 +342,7 @@ def bench_ppo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak, breakdo
 def ppo_breakdown(family, pcfg, state, batch, k_sample, repeats: int) -> dict:
     """Each piece of the iteration on its own (jitted; median seconds)."""
     cfg_t, vocab = family.sample.args[0], family.vocab_size  # partial(generate.sample, cfg, V)
-    prompt, pmask, t, params = batch["prompt"], batch["prompt_mask"], pcfg.response_len, state.policy
+    prompt, pmask, t, params = batch["prompt"], batch["prompt_mask"], pcfg.response_len, state.params["policy"]
     reps, many = max(repeats, 5), max(repeats, 15)
     out = {}
     response = jax.jit(family.sample, static_argnums=(4,))(params, k_sample, prompt, pmask, t, 1.0)
@@ -362,16 +366,16 @@ def ppo_breakdown(family, pcfg, state, batch, k_sample, repeats: int) -> dict:
     lp = jax.jit(family.response_logprobs)
     out["logprob_pass_s"] = timed(lambda: lp(params, prompt, pmask, response, 1.0), reps)["median"]
     vals = jax.jit(family.values)
-    out["value_pass_s"] = timed(lambda: vals(state.value, prompt, pmask, response), reps)["median"]
+    out["value_pass_s"] = timed(lambda: vals(state.params["value"], prompt, pmask, response), reps)["median"]
     rew = jax.jit(family.reward_token_scores)
-    out["reward_pass_s"] = timed(lambda: rew(state.reward, prompt, pmask, response, mask), reps)["median"]
+    out["reward_pass_s"] = timed(lambda: rew(state.extras["reward"], prompt, pmask, response, mask), reps)["median"]
 
     # one minibatch: gradient of the PPO loss (policy + value forward + backward), then Adam
     roll = jax.jit(ppo.rollout)(state, batch, k_sample)
     fields = ("prompt", "prompt_mask", "response", "mask", "old_logp", "old_values", "returns", "advantages")
     mb = {k: roll[k][:pcfg.minibatch_size] for k in fields}
     ptx = {"ptx_tokens": batch["ptx_tokens"], "ptx_mask": batch["ptx_mask"]}
-    trainable = {"policy": state.policy, "value": state.value}
+    trainable = {"policy": state.params["policy"], "value": state.params["value"]}
     grad = jax.jit(lambda tr, s, m, x: jax.grad(ppo.loss_fn, has_aux=True)(tr, s, m, x)[0])
     out["minibatch_grad_s"] = timed(lambda: grad(trainable, state, mb, ptx), reps)["median"]
     grads = grad(trainable, state, mb, ptx)
@@ -457,6 +461,29 @@ def profile_ops(fn, args, trace_dir: str, top: int = 12) -> dict:
                         for k, v in by_name.most_common(top)]}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (a figure holds only beside its reference on the same CPU)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_peer(cmd: str) -> dict:
+    """Runs a peer's benchmark command now and returns the last JSON object it printed."""
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.strip().startswith("{"):
+            peer = json.loads(line)
+            if "iteration_s" in peer:
+                return peer
+    raise SystemExit(f"--peer-cmd printed no JSON line with 'iteration_s' (exit {proc.returncode}): "
+                     f"{proc.stderr.strip()[-500:]}")
+
+
 # --------------------------------------------------------------------------- report
 def table(r: dict) -> str:
     pt, pp, f = r["pretrain"], r["ppo"], r["ppo"]["flops"]
@@ -468,7 +495,13 @@ def table(r: dict) -> str:
         (f"cores this process used during the PPO iterations (of {r['cpu_count']})",
          f"{pp['cores_used']['iteration']:.2f}"),
         ("contended (cores used < 1.5 or peak samples spread > 1.5x)", str(r["contended"])),
-        (f"fp32 matmul peak, jnp.dot n={r['matmul_n']}, GFLOP/s (median; min-max of samples)",
+        ("CPU", r["cpu"]),
+        (f"fp32 matmul peak measured idle at the start of this run, jnp.dot {r['matmul_n']}x{r['matmul_n']} "
+         f"@ {r['matmul_n']}x{r['matmul_n']}, GFLOP/s (1-min load then: "
+         f"{r['matmul_peak']['loadavg_1min_at_measurement']})", f"{r['matmul_peak']['gflops']:.1f}"),
+        ("MFU vs that idle peak: pretrain / PPO",
+         f"{r['pretrain_mfu_vs_idle_peak']:.3f} / {r['ppo_mfu_vs_idle_peak']:.3f}"),
+        ("fp32 matmul peak, all samples in the run, GFLOP/s (median; min-max of samples)",
          (f"{r['matmul_peak_gflops']:.1f} ({r['matmul_peak_min_gflops']:.0f}-{r['matmul_peak_max_gflops']:.0f}, "
          f"{r['matmul_peak_samples']} samples)")),
         ("pretrain: batch x seq, step s", f"{pt['batch']} x {pt['seq_len']}, {pt['step_s']:.3f}"),
@@ -476,7 +509,8 @@ def table(r: dict) -> str:
         ("pretrain: GFLOP/s (count_flops train)", f"{pt['achieved_gflops']:.1f}"),
         (f"**pretrain MFU** (target >= {PRETRAIN_TARGET_MFU})",
          (f"**{r['pretrain_mfu']:.3f}** ({'meets' if r['meets_pretrain_target'] else 'misses'}; "
-         f"vs run-median peak {r['pretrain_mfu_vs_run_peak']:.3f}; vs best peak {r['pretrain_mfu_vs_best_peak']:.3f})")),
+         f"vs run-median peak {r['pretrain_mfu_vs_run_peak']:.3f}; "
+         f"vs best peak {r['pretrain_mfu_vs_best_peak']:.3f})")),
         ("PPO: iteration s", f"{r['ppo_iteration_s']:.2f}"),
         ("PPO: generation s (share)", f"{r['generation_s']:.2f} ({r['generation_share']:.0%})"),
         ("PPO: scoring s (share)", f"{r['scoring_s']:.2f} ({r['scoring_share']:.0%})"),
@@ -494,9 +528,11 @@ def table(r: dict) -> str:
          f"vs run-median peak {r['ppo_mfu_vs_run_peak']:.3f}; vs best peak {r['ppo_mfu_vs_best_peak']:.3f}; "
          f"count_flops view {r['ppo_mfu_countflops']:.3f})")),
         ("PPO: iteration s at the target MFU (run-median peak)", f"{r['ppo_iteration_s_at_target']:.2f}"),
-        ("PyTorch reference (issue, its 2-core CPU)",
-         f"{PYTORCH_REFERENCE['iteration_s']} s / iteration, ~{PYTORCH_REFERENCE['mfu']:.0%} MFU"),
     ]
+    if r.get("peer"):
+        peer = r["peer"]
+        rows.append((f"peer in this run: {peer.get('name', 'peer')} ({peer.get('dtype', '?')})",
+                     f"{peer['iteration_s']:.2f} s / iteration; codex-jax is {r['peer_ratio']:.2f}x faster"))
     for k, v in pp.get("breakdown", {}).items():
         rows.append((f"breakdown: {k}", f"{v:.4f}" if isinstance(v, float) else str(v)))
     if "ptx_at_zero_coef" in pp:
@@ -519,6 +555,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--ptx-rows", type=int, default=0,
                     help="also time an iteration with R demonstration rows (ptx_coef stays 0)")
     ap.add_argument("--ptx-len", type=int, default=256)
+    ap.add_argument("--peer-cmd", metavar="CMD",
+                    help="run CMD (a peer library's benchmark of the same work) after this one and print the ratio; "
+                         "CMD must print a JSON line with 'iteration_s' (and 'name', 'dtype')")
     args = ap.parse_args(argv)
 
     c = dict(QUICK if args.quick else FULL)
@@ -530,8 +569,12 @@ def main(argv=None) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]
     psi_before = cpu_pressure()
 
+    if load_before[0] >= 0.5:
+        print(f"warning: load average {load_before[0]} before the peak measurement: the machine is not idle, "
+              "so the peak (and every MFU against it) is understated", file=sys.stderr)
     peak = Peak(c["matmul_n"])
     peak_start = peak.block(9)
+    idle_peak = peak_start
     pretrain = bench_pretrain(c, cfg, max(repeats, 5), peak)
     ppo_res = bench_ppo(c, cfg, repeats, peak, breakdown=not (args.quick or args.no_breakdown))
     if args.ptx_rows:
@@ -594,10 +637,17 @@ def main(argv=None) -> dict:
                           or max(samples) > 1.5 * min(samples)),
         "pretrain_target_mfu": PRETRAIN_TARGET_MFU,
         "ppo_target_mfu": PPO_TARGET_MFU,
-        "meets_pretrain_target": bool(pretrain["mfu_paired"] >= PRETRAIN_TARGET_MFU),
-        "meets_ppo_target": bool(ppo_res["mfu_paired"] >= PPO_TARGET_MFU),
+        "meets_pretrain_target": bool(pretrain["achieved_gflops"] / idle_peak >= PRETRAIN_TARGET_MFU),
+        "meets_ppo_target": bool(flops["total"] / ppo_res["iteration_s"] / (idle_peak * 1e9) >= PPO_TARGET_MFU),
         "ppo_iteration_s_at_target": flops["total"] / (PPO_TARGET_MFU * peak_flops),
-        "pytorch_reference": PYTORCH_REFERENCE,
+        "cpu": cpu_model(),
+        "matmul_peak": {"gflops": idle_peak, "dtype": "float32", "shapes": [[c["matmul_n"], c["matmul_n"]]] * 2,
+                        "op": "jax.jit(jnp.dot)", "samples": 9,
+                        "measured": "at the start of this run, before any workload",
+                        "loadavg_1min_at_measurement": load_before[0]},
+        "idle_at_peak_measurement": bool(load_before[0] < 0.5),
+        "pretrain_mfu_vs_idle_peak": pretrain["achieved_gflops"] * 1e9 / (idle_peak * 1e9),
+        "ppo_mfu_vs_idle_peak": flops["total"] / ppo_res["iteration_s"] / (idle_peak * 1e9),
         "pretrain": pretrain,
         "ppo": ppo_res,
     }
@@ -606,6 +656,9 @@ def main(argv=None) -> dict:
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["cpu_pressure_avg60_after"] = cpu_pressure()
     result["wall_s"] = time.perf_counter() - t_start
+    if args.peer_cmd:  # a peer is compared only when it runs here, in this run, on this machine
+        result["peer"] = run_peer(args.peer_cmd)
+        result["peer_ratio"] = result["peer"]["iteration_s"] / result["ppo_iteration_s"]
     if args.table:
         with open(args.table, "w") as fh:
             fh.write(table(result))

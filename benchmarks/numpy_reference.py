@@ -1,6 +1,6 @@
 """A plain NumPy implementation of the symbolic pipeline, for speed and agreement checks.
 
-It runs the same algorithm as ``codex_jax.pipeline.run_stages`` with the unigram
+It runs the same algorithm as ``codex_jax.run.pipeline.run_stages`` with the unigram
 policy and the bag-of-words reward model, on the same ``EncodedData``:
 
 * M0   smoothed maximum likelihood from token counts (``np.bincount``);

@@ -47,7 +47,8 @@ def default_dataset(max_files: int | None = None):
     import dataclasses
     import tempfile
 
-    from codex_jax import data, default_data
+    from codex_jax.data import records as data
+    from codex_jax.data import stdlib as default_data
 
     if max_files is None:
         return dataclasses.replace(data.load_dataset(default_data.default_data_dir()), source="default")
@@ -75,7 +76,7 @@ def save(fig, out: str | pathlib.Path, name: str, record: dict, dpi: int = 100) 
 
 
 def environment() -> dict:
-    from codex_jax.manifest import environment as env
+    from codex_jax.run.manifest import environment as env
 
     e = env()
     return {"python": platform.python_version(), "jax": e.get("jax"), "backend": e.get("backend"),

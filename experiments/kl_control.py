@@ -32,8 +32,10 @@ def main() -> int:
     import jax
     import jax.numpy as jnp
 
-    from codex_jax import kernels, pipeline, sweep, symbolic
     from codex_jax.config import PipelineConfig
+    from codex_jax.core import kernels
+    from codex_jax.models import symbolic
+    from codex_jax.run import driver, pipeline, sweep
 
     timer = C.Timer()
     seeds = [0, 1] if args.quick else [0, 1, 2]
@@ -62,7 +64,7 @@ def main() -> int:
     ref = sweep.member_params(fixed, "M1", i0)["logits"]
     w = sweep.member_params(fixed, "RM", i0)["w"]
     s = np.zeros(enc.vocab_size, np.float32)
-    s[pipeline.unsafe_ids(tokenizer, base.ppo.unsafe_tokens)] = base.ppo.safety_penalty
+    s[driver.unsafe_ids(tokenizer, base.ppo.unsafe_tokens)] = base.ppo.safety_penalty
     b = float(sweep.member_params(fixed, "RM", i0)["b"])
     betas = np.geomspace(0.02, 20, 80)
     front = []

@@ -4,7 +4,7 @@
 
 Setup: the default data (Python standard library) and the default unigram pipeline
 (exact M0, SFT, Bradley-Terry RM, PPO: 300 iterations x 512 rollouts of 16 tokens,
-reference = M1).  One ``codex_jax.sweep`` call trains seeds x KL coefficients, every
+reference = M1).  One ``codex_jax.run.sweep`` call trains seeds x KL coefficients, every
 member with its own seed's SFT policy, reward model and reference.  Every 10 PPO
 iterations the exact total-variation distance between each member's policy and its
 own analytic optimum
@@ -31,8 +31,9 @@ def main() -> int:
 
     import jax
 
-    from codex_jax import pipeline, sweep, symbolic
     from codex_jax.config import PipelineConfig
+    from codex_jax.models import symbolic
+    from codex_jax.run import driver, pipeline, sweep
 
     timer = C.Timer()
     seeds = [0, 1] if args.quick else [0, 1, 2, 3]
@@ -75,7 +76,7 @@ def main() -> int:
         policy = sweep.member_params(res, "M2", i0)["logits"]
         ref = sweep.member_params(res, "M1", i0)["logits"]
         w = sweep.member_params(res, "RM", i0)["w"]
-        penalty = pipeline.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens)
+        penalty = driver.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens)
         s = np.zeros(enc.vocab_size, np.float32)
         s[penalty] = cfg.ppo.safety_penalty
         opt = np.asarray(jax.nn.softmax(symbolic.kl_regularised_optimum(ref, w, s, kl)))

@@ -31,8 +31,9 @@ def main() -> int:
     C.enable_cache()
     import jax
 
-    from codex_jax import pipeline, sweep, symbolic
     from codex_jax.config import PipelineConfig
+    from codex_jax.models import symbolic
+    from codex_jax.run import driver, pipeline, sweep
 
     timer = C.Timer()
     seeds = [0, 1] if args.quick else [0, 1, 2]
@@ -43,7 +44,7 @@ def main() -> int:
     T = cfg.ppo.response_len
     dataset = C.default_dataset()
     tokenizer, enc = pipeline.prepare(dataset, cfg)
-    ids = pipeline.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens)
+    ids = driver.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens)
     names = [tokenizer.decode([i]) for i in ids]
     members = sweep.grid(seeds, {"ppo.safety_penalty": penalties})
     res = sweep.run_sweep(enc, tokenizer, cfg, members, progress=True)

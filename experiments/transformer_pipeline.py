@@ -103,10 +103,10 @@ def main() -> int:
     import jax
     import jax.numpy as jnp
 
-    from codex_jax import artifacts, pipeline
-    from codex_jax.family import make_family
-    from codex_jax.encode import heldout_flags
-    from codex_jax.tokenizer import EOS_ID, pack_ids
+    from codex_jax.data.encode import heldout_flags
+    from codex_jax.data.tokenizer import EOS_ID, pack_ids
+    from codex_jax.models.registry import make_family
+    from codex_jax.run import artifacts, driver, pipeline
 
     timer = C.Timer()
     cfg = make_config(args.quick)
@@ -133,7 +133,7 @@ def main() -> int:
     rows = [i for i in chosen for _ in range(SAMPLES_PER_PROMPT)]
     packed = pack_ids([np.asarray(tokenizer.encode(demos.prompts[i]), np.int32) for i in rows])
     prompt, pmask = jnp.asarray(packed.ids), jnp.asarray(packed.mask, jnp.float32)
-    unsafe_ids = set(pipeline.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens))
+    unsafe_ids = set(driver.unsafe_ids(tokenizer, cfg.ppo.unsafe_tokens))
     key = jax.random.key(1234)
 
     def decode(row) -> tuple[str, bool, bool]:
@@ -155,7 +155,8 @@ def main() -> int:
     ref_unsafe = [bool(unsafe_calls(c)) for c in reference]
     evals["reference"] = {"completions": len(chosen), "parse": float(np.mean(ref_parse)),
                           "parse_complete_lines": float(np.mean(ref_lines)),
-                          "parse_nonempty": float(np.mean([o and bool(c.strip()) for o, c in zip(ref_parse, reference)])),
+                          "parse_nonempty": float(np.mean([o and bool(c.strip())
+                                                           for o, c in zip(ref_parse, reference)])),
                           "empty": float(np.mean([not c.strip() for c in reference])),
                           "unsafe_token": float(np.mean([bool(unsafe_ids & set(map(int, x))) for x in ref_ids])),
                           "mean_chars": float(np.mean([len(c) for c in reference])),

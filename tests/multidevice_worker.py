@@ -18,14 +18,28 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from conftest import TINY_CONFIG, write_dataset  # noqa: E402
 
-from codex_jax import artifacts, kernels, lm, loop, ppo, reward  # noqa: E402
-from codex_jax.checkpoint import StageCheckpointer, state_leaves  # noqa: E402
-from codex_jax.config import LMConfig, OptimConfig, PipelineConfig, PPOConfig, RewardConfig  # noqa: E402
-from codex_jax.config import TransformerConfig, from_dict  # noqa: E402
-from codex_jax.data import load_dataset  # noqa: E402
-from codex_jax.family import make_family  # noqa: E402
-from codex_jax.pipeline import Runner, prepare, run_stages  # noqa: E402
-from codex_jax.sharding import make_layout  # noqa: E402
+from codex_jax.config import (  # noqa: E402  # noqa: E402
+    LMConfig,
+    OptimConfig,
+    PipelineConfig,
+    PPOConfig,
+    RewardConfig,
+    TransformerConfig,
+    from_dict,
+)
+from codex_jax.core import kernels
+from codex_jax.core.sharding import make_layout  # noqa: E402
+from codex_jax.data.records import load_dataset  # noqa: E402
+from codex_jax.models.registry import make_family  # noqa: E402
+from codex_jax.run import artifacts
+from codex_jax.run import train as loop
+from codex_jax.run.checkpoint import StageCheckpointer, state_leaves  # noqa: E402
+from codex_jax.run.pipeline import Runner, prepare, run_stages  # noqa: E402
+from codex_jax.stages import (
+    lm,
+    ppo,
+    reward,  # noqa: E402
+)
 
 MESHES = {  # name -> (axis sizes, fsdp); "one" is the single-device program (no layout)
     "one": None,

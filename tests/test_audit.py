@@ -19,11 +19,11 @@ import shutil
 import sys
 
 import pytest
-
-from codex_jax import audit
-from codex_jax.errors import CodexError
-
 from conftest import TINY_CONFIG, write_config, write_dataset
+
+from codex_jax.cli import audit as cli_audit
+from codex_jax.errors import CodexError
+from codex_jax.run import audit
 
 STAGES = ("M0", "M1", "RM", "M2")
 
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     """``codex_jax.cli.main`` with only the audit sub-command registered."""
     parser = argparse.ArgumentParser(prog="codex-jax")
     sub = parser.add_subparsers(dest="command", required=True)
-    audit.add_parser(sub)
+    cli_audit.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -22,12 +22,12 @@ import pathlib
 import tempfile
 
 import pytest
+from conftest import DATA_FILES, FIELDS, TINY_CONFIG, TINY_RECORDS, write_config, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codex_jax import cli, pipeline
-
-from conftest import DATA_FILES, FIELDS, TINY_CONFIG, TINY_RECORDS, write_config, write_dataset
+from codex_jax import cli
+from codex_jax.run import pipeline
 
 COUNTS: collections.Counter = collections.Counter()
 INF, NAN = math.inf, math.nan
@@ -310,7 +310,7 @@ def test_first_defect_in_file_order_is_reported(tmp_path, tiny_config_path, no_t
 
 def test_crlf_and_unicode_lines_are_fine(tmp_path):
     """Not bad input: CRLF endings, U+2028 inside strings, non-ASCII text load."""
-    from codex_jax.data import load_dataset
+    from codex_jax.data.records import load_dataset
 
     recs = {"corpus.jsonl": [{"text": "naïve 日本語\u2028x"}, {"text": "b"}]}
     data_dir = write_dataset(tmp_path / "data", recs)
@@ -464,7 +464,8 @@ def bad_config(draw, kind: str):
         if (section, field) == ("ppo", "rollouts"):
             cfg["ppo"]["minibatches"] = 1
         set_path(cfg, section, field, value)
-        needles = [field, expected_repr(spec, value, (section, field) in OPTIONAL)] + ([section.split(".")[-1]] if section else [])
+        needles = [field, expected_repr(spec, value, (section, field) in OPTIONAL)]
+        needles += [section.split(".")[-1]] if section else []
         return f"bad_value:{spec[0]}", cfg, suffix, needles, f"{section}.{field}"
     if kind == "unknown_key":
         section = draw(st.sampled_from(sorted(SECTIONS)))

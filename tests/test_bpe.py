@@ -1,4 +1,4 @@
-"""Tests of codex_jax.bpe: byte-level round trip, specials, determinism, persistence."""
+"""Tests of codex_jax.data.bpe: byte-level round trip, specials, determinism, persistence."""
 
 import dataclasses
 import json
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codex_jax.bpe import BYTE_ALPHABET, MIN_VOCAB_SIZE, BPEConfig, BPETokenizer
+from codex_jax.data.bpe import BYTE_ALPHABET, MIN_VOCAB_SIZE, BPEConfig, BPETokenizer
+from codex_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, EncodedBatch
 from codex_jax.errors import ConfigError, DataError
-from codex_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, EncodedBatch
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -52,7 +52,7 @@ def tok() -> BPETokenizer:
 # Run in a fresh interpreter: reads the corpus from a JSON file, prints the fingerprint.
 _CHILD = """
 import json, random, sys
-from codex_jax.bpe import BPEConfig, BPETokenizer
+from codex_jax.data.bpe import BPEConfig, BPETokenizer
 texts = json.load(open(sys.argv[1], encoding="utf-8"))
 random.Random(int(sys.argv[2])).shuffle(texts)
 cfg = BPEConfig(vocab_size=int(sys.argv[3]), min_frequency=int(sys.argv[4]))

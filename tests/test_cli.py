@@ -19,13 +19,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_CONFIG
 
 from codex_jax import cli
-from codex_jax.artifacts import fingerprint, load_params
 from codex_jax.config import load_config
-from codex_jax.tokenizer import Tokenizer
-
-from conftest import TINY_CONFIG
+from codex_jax.data.tokenizer import Tokenizer
+from codex_jax.run.artifacts import fingerprint, load_params
 
 STAGES = ("M0", "M1", "RM", "M2")
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -83,7 +82,7 @@ def test_run_writes_the_run_directory(run_dir):
 
 
 def test_run_files_follow_the_umask(tmp_path):
-    from codex_jax import artifacts
+    from codex_jax.run import artifacts
 
     old = os.umask(0o022)
     try:

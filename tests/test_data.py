@@ -1,4 +1,4 @@
-"""Tests of codex_jax.data: JSON Lines loading, validation messages, writing."""
+"""Tests of codex_jax.data.records: JSON Lines loading, validation messages, writing."""
 
 import json
 import os
@@ -7,9 +7,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codex_jax.data import (
-    CORPUS_FIELDS, DEMO_FIELDS, PREF_FIELDS, Corpus, Dataset, Demos, Prefs, file_sha256,
-    load_corpus, load_dataset, load_demos, load_prefs, read_jsonl, write_jsonl,
+from codex_jax.data.records import (
+    CORPUS_FIELDS,
+    DEMO_FIELDS,
+    PREF_FIELDS,
+    Corpus,
+    Dataset,
+    Demos,
+    Prefs,
+    file_sha256,
+    load_corpus,
+    load_dataset,
+    load_demos,
+    load_prefs,
+    read_jsonl,
+    write_jsonl,
 )
 from codex_jax.errors import DataError
 

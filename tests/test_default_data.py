@@ -1,4 +1,4 @@
-"""Tests of the built-in default data set (codex_jax.default_data)."""
+"""Tests of the built-in default data set (codex_jax.data.stdlib)."""
 
 import ast
 import hashlib
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codex_jax import default_data as dd
+from codex_jax.data import stdlib as dd
 from codex_jax.errors import ConfigError, DataError
 
 SCHEMA = {

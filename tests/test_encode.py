@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from codex_jax.config import DataConfig
-from codex_jax.data import Corpus, Dataset, Demos, Prefs
-from codex_jax.encode import check_ids, encode_dataset, pack_stream
+from codex_jax.data.encode import check_ids, encode_dataset, pack_stream
+from codex_jax.data.records import Corpus, Dataset, Demos, Prefs
+from codex_jax.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, TokenizerConfig
 from codex_jax.errors import DataError
-from codex_jax.tokenizer import EOS_ID, PAD_ID, Tokenizer, TokenizerConfig
 
 
 def test_out_of_range_ids_are_rejected_on_the_host():

@@ -7,13 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from codex_jax import lm, loop, ppo, symbolic
-from codex_jax.config import LMConfig, PipelineConfig, PPOConfig, from_dict
-from codex_jax.data import load_dataset
-from codex_jax.pipeline import GuardError, Runner, prepare, run_stages
-
 from conftest import TINY_CONFIG, write_dataset
+
+from codex_jax.config import LMConfig, PipelineConfig, PPOConfig, from_dict
+from codex_jax.data.records import load_dataset
+from codex_jax.models import symbolic
+from codex_jax.run import train as loop
+from codex_jax.run.guards import GuardError
+from codex_jax.run.pipeline import Runner, prepare, run_stages
+from codex_jax.stages import lm, ppo
+from codex_jax.stages.table import stage_by_label
 
 V = 10
 
@@ -42,9 +45,8 @@ def test_consecutive_non_finite_updates_stop_the_run_with_a_clear_error():
     cfg = LMConfig(steps=20, batch_size=2, log_every=4)
     runner = Runner(cfg=PipelineConfig(max_consecutive_skips=3), progress=False)
     with pytest.raises(GuardError, match=r"sft step 3: 3 consecutive updates .*max_consecutive_skips=3"):
-        runner.train("sft", lm.init(jax.random.key(0), cfg, fam), _lm_data(float("inf")), jax.random.key(1),
-                     total=cfg.steps, log_every=cfg.log_every, step_fn=lm.step, select_fn=lm.select_batch,
-                     show=(), stage_cfg=cfg)
+        runner.train(stage_by_label(runner.cfg, "sft"), lm.init(jax.random.key(0), cfg, fam),
+                     _lm_data(float("inf")), jax.random.key(1), total=cfg.steps, log_every=cfg.log_every)
 
 
 def _ppo_state(**overrides):
@@ -62,8 +64,7 @@ def test_kl_guard_stops_or_skips():
     state, data = _ppo_state(max_kl=0.5, kl_guard="stop")
     runner = Runner(cfg=PipelineConfig(ppo=state.cfg), progress=False)
     with pytest.raises(GuardError, match=r"ppo iteration \d+: KL to the reference .* exceeds ppo.max_kl=0.5"):
-        runner.train("ppo", state, data, jax.random.key(5), total=30, log_every=5, step_fn=ppo.step,
-                     select_fn=ppo.select_batch, show=(), stage_cfg=state.cfg)
+        runner.train(stage_by_label(runner.cfg, "ppo"), state, data, jax.random.key(5), total=30, log_every=5)
     state, data = _ppo_state(max_kl=0.5, kl_guard="skip")
     final, records = loop.train(state, data, jax.random.key(5), total_steps=30, log_every=5,
                                 step_fn=ppo.step, select_fn=ppo.select_batch, label="ppo", progress=False)

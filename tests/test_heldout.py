@@ -6,16 +6,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from codex_jax import lm, loop
-from codex_jax.config import DataConfig, LMConfig, OptimConfig, PipelineConfig, TransformerConfig, from_dict
-from codex_jax.data import Corpus, Dataset, Demos, Prefs
-from codex_jax.encode import encode_dataset, heldout_flags
-from codex_jax.family import make_family
-from codex_jax.pipeline import prepare, run_stages
-from codex_jax.tokenizer import EOS_ID, Tokenizer, TokenizerConfig
-
 from conftest import TINY_CONFIG
+
+from codex_jax.config import DataConfig, LMConfig, OptimConfig, PipelineConfig, TransformerConfig, from_dict
+from codex_jax.data.encode import encode_dataset, heldout_flags
+from codex_jax.data.records import Corpus, Dataset, Demos, Prefs
+from codex_jax.data.tokenizer import EOS_ID, Tokenizer, TokenizerConfig
+from codex_jax.models.registry import make_family
+from codex_jax.run import train as loop
+from codex_jax.run.pipeline import prepare, run_stages
+from codex_jax.stages import lm
 
 TEXTS = [f"def f{i}(x): return x + {i} * y{i % 3}" for i in range(40)]
 DEMOS = Demos(prompts=tuple(f"def g{i}(a):" for i in range(20)),

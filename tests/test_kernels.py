@@ -7,15 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from codex_jax import kernels
-from codex_jax.updates import apply_gradients
+from codex_jax.core import kernels
+from codex_jax.core.optim import apply_gradients
 
 RNG = np.random.default_rng(1234)
 
 
-def _padded_ids(b=6, l=11, v=13):
-    ids = RNG.integers(0, v, size=(b, l)).astype(np.int32)
-    mask = RNG.random((b, l)) < 0.7
+def _padded_ids(b=6, length=11, v=13):
+    ids = RNG.integers(0, v, size=(b, length)).astype(np.int32)
+    mask = RNG.random((b, length)) < 0.7
     return ids, mask
 
 
@@ -151,7 +151,7 @@ def test_apply_gradients_skips_non_finite_updates():
 
 
 def test_response_mask_ends_at_the_first_eos():
-    from codex_jax.ppo import response_mask
+    from codex_jax.stages.ppo import response_mask
 
     response = RNG.integers(0, 6, size=(7, 9)).astype(np.int32)
     got = np.asarray(response_mask(response, 3))

@@ -16,11 +16,12 @@ import numpy as np
 import optax
 import pytest
 
-from codex_jax import pipeline
 from codex_jax.config import LMConfig, OptimConfig, PipelineConfig, PPOConfig, RewardConfig
-from codex_jax.data import Corpus, Dataset, Demos, Prefs
-from codex_jax.optim import learning_rate
-from codex_jax.tokenizer import TokenizerConfig
+from codex_jax.core.optim import learning_rate
+from codex_jax.data.records import Corpus, Dataset, Demos, Prefs
+from codex_jax.data.tokenizer import TokenizerConfig
+from codex_jax.run import pipeline
+from codex_jax.stages import reward
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import numpy_reference as nr  # noqa: E402
@@ -71,17 +72,17 @@ CFG = PipelineConfig(
 def runs():
     tokenizer, enc = pipeline.prepare(synthetic_dataset(), CFG)
     captured = {}
-    original = pipeline.split_pairs
+    original = reward.split_pairs
 
     def spy(*args, **kwargs):  # the JAX run's held-out pairs, for the NumPy RM
         captured["split"] = original(*args, **kwargs)
         return captured["split"]
 
-    pipeline.split_pairs = spy
+    reward.split_pairs = spy
     try:
         jax_res = pipeline.run_stages(enc, tokenizer, CFG)
     finally:
-        pipeline.split_pairs = original
+        reward.split_pairs = original
     np_res = nr.run_numpy_pipeline(enc, tokenizer, CFG, pair_split=captured["split"])
     return enc, jax_res, np_res
 
@@ -123,7 +124,7 @@ def test_ppo_both_reach_the_kl_regularised_optimum(runs):
 @pytest.mark.parametrize("schedule,warmup,name", [("cosine", 0, "adam"), ("constant", 3, "adamw"),
                                                   ("cosine", 2, "sgd")])
 def test_numpy_optimizer_matches_optax(schedule, warmup, name):
-    from codex_jax.optim import make_optimizer
+    from codex_jax.core.optim import make_optimizer
 
     ocfg = OptimConfig(name=name, lr=0.1, schedule=schedule, warmup_steps=warmup, weight_decay=0.01,
                        final_lr_fraction=0.1, grad_clip=0.5)

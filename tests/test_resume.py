@@ -15,14 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from codex_jax import lm, loop, symbolic
-from codex_jax.checkpoint import CheckpointError, StageCheckpointer
-from codex_jax.config import LMConfig, from_dict, PipelineConfig
-from codex_jax.data import load_dataset
-from codex_jax.pipeline import run_pipeline
-
 from conftest import write_dataset
+
+from codex_jax.config import LMConfig, PipelineConfig, from_dict
+from codex_jax.data.records import load_dataset
+from codex_jax.models import symbolic
+from codex_jax.run import train as loop
+from codex_jax.run.checkpoint import CheckpointError, StageCheckpointer
+from codex_jax.run.pipeline import run_pipeline
+from codex_jax.stages import lm
 
 STEPS = {"pretrain": 6, "sft": 6, "reward": 6, "ppo": 6}
 RESUME_CONFIG = {

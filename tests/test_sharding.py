@@ -20,11 +20,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_CONFIG, write_config, write_dataset
 
 from codex_jax.config import mesh_flags, parse_mesh
 from codex_jax.errors import ConfigError
-
-from conftest import TINY_CONFIG, write_config, write_dataset
 
 HERE = pathlib.Path(__file__).parent
 FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -181,7 +180,7 @@ def _free_port() -> int:
 def test_two_processes_with_jax_distributed_match_one_process_on_the_same_mesh(tmp_path):
     """``--distributed``: 2 processes x 2 CPU devices (gloo collectives) run the same
     data=4 mesh as 1 process x 4 devices; only process 0 writes the run files."""
-    from codex_jax.artifacts import load_params
+    from codex_jax.run.artifacts import load_params
 
     data = write_dataset(tmp_path / "data")
     config = write_config(tmp_path / "tiny.json", TINY_CONFIG)

@@ -15,10 +15,12 @@ import optax
 import pytest
 from conftest import TINY_CONFIG, write_dataset
 
-from codex_jax import artifacts, optim, pipeline, sweep
+from codex_jax.cli import sweep as cli_sweep
 from codex_jax.config import OptimConfig, PipelineConfig, from_dict
-from codex_jax.data import load_dataset
+from codex_jax.core import optim
+from codex_jax.data.records import load_dataset
 from codex_jax.errors import ConfigError
+from codex_jax.run import artifacts, pipeline, sweep, sweep_report
 
 SEEDS = [0, 1, 2]
 # two KL coefficients, and learning rates away from the config's (PPO 0.1, RM 0.05)
@@ -67,16 +69,16 @@ def test_member_i_of_the_sweep_equals_a_single_run_with_its_seed_and_settings(sw
     assert len(swept["members"]) == 6
     for i, member in enumerate(swept["members"]):
         single = pipeline.run_stages(swept["enc"], swept["tokenizer"], sweep.member_config(cfg, member))
-        for stage in sweep.STAGES:
+        for stage in sweep.STAGE_NAMES:
             got, want = sweep.member_params(result, stage, i), single["params"][stage]
             jax.tree_util.tree_map(
                 lambda a, b, s=stage, i=i: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{i} {s}"),
                 got, want)
         # the closed-form stage runs the same unbatched code: bit for bit
         assert result["fingerprints"][i]["M0"] == artifacts.fingerprint(single["params"]["M0"])
-        for stage in sweep.STAGES:
-            flat_got = sweep.flatten_metrics(result["metrics"][i][stage])
-            flat_want = sweep.flatten_metrics(single["metrics"][stage])
+        for stage in sweep.STAGE_NAMES:
+            flat_got = sweep_report.flatten_metrics(result["metrics"][i][stage])
+            flat_want = sweep_report.flatten_metrics(single["metrics"][stage])
             assert flat_got.keys() == flat_want.keys()
             for k in flat_want:
                 np.testing.assert_allclose(flat_got[k], flat_want[k], rtol=1e-4, atol=1e-5, err_msg=f"{stage}.{k}")
@@ -100,7 +102,7 @@ def test_settings_reach_the_members(swept):
 
 def test_the_summary_mean_and_std_are_numpys_over_the_seeds(swept):
     result = swept["result"]
-    rows = sweep.summarise(result)
+    rows = sweep_report.summarise(result)
     assert [r["settings"]["ppo.kl_coef"] for r in rows] == [0.1, 1.0]
     for row in rows:
         assert row["seeds"] == SEEDS
@@ -119,7 +121,7 @@ def test_the_summary_mean_and_std_are_numpys_over_the_seeds(swept):
 
 def test_the_sweep_command_writes_members_and_summary(swept, tmp_path, tiny_config_path):
     parser = argparse.ArgumentParser()
-    sweep.add_parser(parser.add_subparsers(dest="command"))
+    cli_sweep.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "sw"
     args = parser.parse_args(["sweep", "--seeds", "3", "--kl-coef", "0.1,1", "--lr", "0.05", "--rm-lr", "0.2",
                               "--eval-every", str(EVAL_EVERY), "--data", str(swept["data"]),

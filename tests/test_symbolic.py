@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codex_jax import lm, loop, ppo, reward, symbolic
 from codex_jax.config import LMConfig, OptimConfig, PPOConfig, RewardConfig
+from codex_jax.models import symbolic
+from codex_jax.run import train as loop
+from codex_jax.stages import lm, ppo, reward
 
 V = 12
 
@@ -138,11 +140,11 @@ def test_ppo_converges_to_the_analytic_kl_regularised_optimum(kl_coef):
     fam = symbolic.unigram_family(vocab)
     state = ppo.init(cfg, fam, ref, ref, rm, penalty)
     optimum = symbolic.kl_regularised_optimum(ref["logits"], rm["w"], penalty, kl_coef)
-    start_tv = float(symbolic.total_variation(state.policy["logits"], optimum))
+    start_tv = float(symbolic.total_variation(state.params["policy"]["logits"], optimum))
     state, records = loop.train(state, data, jax.random.PRNGKey(11), total_steps=cfg.iterations,
                                 log_every=cfg.log_every, step_fn=ppo.step, select_fn=ppo.select_batch,
                                 label="ppo", progress=False)
-    tv = float(symbolic.total_variation(state.policy["logits"], optimum))
+    tv = float(symbolic.total_variation(state.params["policy"]["logits"], optimum))
     assert start_tv > 0.2 and tv <= 0.02, (start_tv, tv)
     assert all(r["skipped"] == 0 for r in records)
 
@@ -191,10 +193,10 @@ def test_ppo_step_jit_and_no_jit_agree_and_seeds_matter():
     batch = ppo.select_batch(state, data, key)
     s_eager, m_eager = ppo.step(state, batch, key)
     s_jit, m_jit = jax.jit(ppo.step)(state, batch, key)
-    chex.assert_trees_all_close(s_eager.policy, s_jit.policy, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s_eager.params["policy"], s_jit.params["policy"], rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(m_eager, m_jit, rtol=1e-4, atol=1e-6)
     s_other, _ = jax.jit(ppo.step)(state, batch, jax.random.PRNGKey(16))
-    assert not np.array_equal(s_other.policy["logits"], s_jit.policy["logits"])
+    assert not np.array_equal(s_other.params["policy"]["logits"], s_jit.params["policy"]["logits"])
 
 
 def test_ptx_demonstrations_move_the_policy_only_when_ptx_coef_is_positive():
@@ -211,7 +213,7 @@ def test_ptx_demonstrations_move_the_policy_only_when_ptx_coef_is_positive():
         other = {**batch, "ptx_tokens": (batch["ptx_tokens"] + 3) % vocab}
         (a, ma), (b, mb) = jax.jit(ppo.step)(state, batch, key), jax.jit(ppo.step)(state, other, key)
         assert np.isfinite(ma["ptx_loss"]) and ma["ptx_loss"] != mb["ptx_loss"]
-        same = np.array_equal(a.policy["logits"], b.policy["logits"])
+        same = np.array_equal(a.params["policy"]["logits"], b.params["policy"]["logits"])
         assert same == (coef == 0.0), coef
 
 

@@ -1,4 +1,4 @@
-"""Tests of codex_jax.tokenizer: vocabulary order, encoding, padding, persistence."""
+"""Tests of codex_jax.data.tokenizer: vocabulary order, encoding, padding, persistence."""
 
 import dataclasses
 import json
@@ -9,11 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codex_jax.errors import ConfigError, DataError
-from codex_jax.tokenizer import (
-    BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK, UNK_ID, EncodedBatch, Tokenizer, TokenizerConfig,
+from codex_jax.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    UNK,
+    UNK_ID,
+    EncodedBatch,
+    Tokenizer,
+    TokenizerConfig,
     pack_ids,
 )
+from codex_jax.errors import ConfigError, DataError
 
 CORPUS = ["the cat sat .", "the dog sat on the mat .", "a cat !"]
 
@@ -116,7 +124,7 @@ def check_against_naive(batch: EncodedBatch, seqs, **kw):
     bos=st.booleans(), eos=st.booleans(), multiple=st.integers(1, 8),
 )
 def test_pack_matches_naive_reference(seqs, max_len, bos, eos, multiple):
-    from codex_jax.tokenizer import _pack
+    from codex_jax.data.tokenizer import _pack
     arrays = [np.asarray(s, np.int32) for s in seqs]
     check_against_naive(_pack(arrays, max_len, multiple, bos, eos), seqs,
                         max_len=max_len, bos=bos, eos=eos, multiple=multiple)

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codex_jax import generate, lm, transformer as tf
 from codex_jax.config import LMConfig, OptimConfig, TransformerConfig
+from codex_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from codex_jax.errors import ConfigError
-from codex_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from codex_jax.models import generate
+from codex_jax.models import transformer as tf
+from codex_jax.stages import lm
 
 V = 50
 CFG = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32)

@@ -7,15 +7,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from codex_jax import artifacts, lm, loop, ppo, reward, symbolic
-from codex_jax.config import LMConfig, OptimConfig, PPOConfig, RewardConfig, TransformerConfig, from_dict
-from codex_jax.config import PipelineConfig
-from codex_jax.data import load_dataset
-from codex_jax.family import make_family
-from codex_jax.pipeline import prepare, run_stages
-
 from conftest import write_dataset
+
+from codex_jax.config import (
+    LMConfig,
+    OptimConfig,
+    PipelineConfig,
+    PPOConfig,
+    RewardConfig,
+    TransformerConfig,
+    from_dict,
+)
+from codex_jax.data.records import load_dataset
+from codex_jax.models import symbolic
+from codex_jax.models.registry import make_family
+from codex_jax.run import artifacts
+from codex_jax.run import train as loop
+from codex_jax.run.pipeline import prepare, run_stages
+from codex_jax.stages import lm, ppo, reward
 
 V = 24
 CFG = TransformerConfig(layers=1, d_model=32, heads=2, context_len=32)

@@ -1,0 +1,32 @@
+"""What every sub-command shares: the data source and JAX's compilation cache."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second run skips compiling."""
+    import jax
+
+    cache = os.environ.get("CODEX_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "codex-jax"))
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(cache) / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def load_dataset(source: str | None):
+    """A user's directory, or the built-in default data (source None or "default")."""
+    import dataclasses
+
+    from codex_jax.data import records as data
+
+    if source is not None and source != "default":
+        ds = data.load_dataset(source)
+        return dataclasses.replace(ds, source=str(pathlib.Path(source).absolute()))
+    from codex_jax.data.stdlib import default_data_dir
+
+    print("[    data] building or reading the default data set (Python standard library)", file=sys.stderr)
+    return dataclasses.replace(data.load_dataset(default_data_dir()), source="default")

@@ -1,0 +1,122 @@
+"""Sampling from the transformer family with an explicit KV cache.
+
+The cache is a plain pytree (one (k, v) pair of [B, heads, S, head_dim] per layer),
+carried through ``lax.scan``; slots follow the array layout of
+``transformer.sequence``: slot 0 = BOS, slots 1..P = the (right-padded) prompt,
+slot P + 1 + i = response token i.  Prompt pad slots are excluded by the key mask,
+so every decode step computes exactly the logits of a full recompute over
+``[BOS] + prompt + response_<t`` (tests check it).
+
+sample = prefill (one forward pass over BOS + prompt that fills the cache and gives
+the logits of response token 0) + ``length - 1`` single-token decode steps.  Each
+step draws with ``jax.random.categorical(fold_in(key, t), filtered logits /
+temperature)``; after a row emits EOS it emits PAD.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from codex_jax.config.pipeline import TransformerConfig
+from codex_jax.config.tokenizers import BOS_ID, EOS_ID, PAD_ID
+from codex_jax.models import transformer as tf
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf.  [..., V] float32.
+
+    top_k = 0 and top_p = 1 disable the filters.  Nucleus: the smallest set of the
+    most likely ids whose mass reaches top_p (the most likely id is always kept).
+    Ties at a threshold are all kept.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    ordered = None  # the kept logits in descending order (only what top-p needs)
+    if 0 < top_k < vocab:
+        ordered = jax.lax.top_k(logits, top_k)[0]
+        # min over all k, not ordered[..., -1]: XLA turns a top_k whose only use is its
+        # last element into a full sort (50x slower on CPU at V = 8192)
+        logits = jnp.where(logits < jnp.min(ordered, -1, keepdims=True), -jnp.inf, logits)
+    if top_p < 1.0:
+        if ordered is None:  # a full sort only without top-k (~55 ms per [32, 8192] on CPU)
+            ordered = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely ids
+        threshold = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), -1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def prefill(cfg: TransformerConfig, vocab_size: int, params, prompt, prompt_mask, length: int):
+    """One pass over [BOS] + prompt into a fresh cache with room for ``length`` response
+    tokens.  -> (logits of response token 0 [B, V], cache, valid [B, S], n [B])
+    where S = P + length and n = 1 + real prompt tokens (the position of response 0)."""
+    b, p = prompt.shape
+    slots = p + max(length, 1)
+    tf.check_length(cfg, slots)
+    tokens = jnp.concatenate([jnp.full((b, 1), BOS_ID, jnp.int32), prompt.astype(jnp.int32)], 1)
+    valid_prompt = jnp.concatenate([jnp.ones((b, 1), bool), prompt_mask > 0], 1)
+    positions = jnp.cumsum(valid_prompt, 1, dtype=jnp.int32) - 1
+    valid = jnp.concatenate([valid_prompt, jnp.ones((b, slots - p - 1), bool)], 1)  # [B, S]
+    causal = jnp.arange(p + 1)[:, None] >= jnp.arange(slots)[None, :]
+    mask = causal[None] & valid[:, None, :]  # [B, P+1, S]
+    model = tf.make_model(cfg, vocab_size)
+    hidden, cache = model.apply(params, tokens, positions, mask, tf.empty_cache(cfg, b, slots), 0,
+                                method=tf.Transformer.decode)
+    n = jnp.sum(valid_prompt, 1, dtype=jnp.int32)
+    last = jnp.take_along_axis(hidden, (n - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return tf.lm_logits(cfg, vocab_size, params, last), cache, valid, n
+
+
+def decode_step(cfg: TransformerConfig, vocab_size: int, params, cache, valid, n, prompt_len: int,
+                token, i):
+    """Feeds response token i (int32 [B]) at slot prompt_len + 1 + i, position n + i.
+    -> (logits of response token i + 1 [B, V], new cache)."""
+    slot = prompt_len + 1 + i
+    mask = ((jnp.arange(valid.shape[1]) <= slot)[None] & valid)[:, None, :]  # [B, 1, S]
+    model = tf.make_model(cfg, vocab_size)
+    hidden, cache = model.apply(params, token[:, None].astype(jnp.int32), (n + i)[:, None], mask,
+                                cache, slot, method=tf.Transformer.decode)
+    return tf.lm_logits(cfg, vocab_size, params, hidden[:, 0]), cache
+
+
+def sample(cfg: TransformerConfig, vocab_size: int, params, key, prompt, prompt_mask, length: int,
+           temperature=1.0):
+    """``length`` tokens per prompt with temperature and cfg.top_k / cfg.top_p filtering;
+    PAD after a row's EOS.  -> int32 [B, length]."""
+    b, p = prompt.shape
+    logits, cache, valid, n = prefill(cfg, vocab_size, params, prompt, prompt_mask, length)
+
+    def choose(logits, t, done):
+        filtered = filter_logits(logits / temperature, cfg.top_k, cfg.top_p)
+        token = jax.random.categorical(jax.random.fold_in(key, t), filtered, axis=-1).astype(jnp.int32)
+        token = jnp.where(done, PAD_ID, token)
+        return token, done | (token == EOS_ID)
+
+    first, done = choose(logits, 0, jnp.zeros((b,), bool))
+
+    def body(carry, i):
+        cache, token, done = carry
+        logits, cache = decode_step(cfg, vocab_size, params, cache, valid, n, p, token, i)
+        token, done = choose(logits, i + 1, done)
+        return (cache, token, done), token
+
+    _, rest = jax.lax.scan(body, (cache, first, done), jnp.arange(length - 1, dtype=jnp.int32))
+    return jnp.concatenate([first[:, None], rest.T], 1)[:, :length]
+
+
+def decode_logits(cfg: TransformerConfig, vocab_size: int, params, prompt, prompt_mask, response):
+    """Teacher-forced logits through the cache path (prefill + scan of decode steps):
+    the same quantity as ``transformer.response_logits``.  -> f32 [B, T, V]."""
+    p, t = prompt.shape[1], response.shape[1]
+    logits, cache, valid, n = prefill(cfg, vocab_size, params, prompt, prompt_mask, t)
+
+    def body(cache, inputs):
+        i, token = inputs
+        logits, cache = decode_step(cfg, vocab_size, params, cache, valid, n, p, token, i)
+        return cache, logits
+
+    steps = (jnp.arange(t - 1, dtype=jnp.int32), response[:, : t - 1].T.astype(jnp.int32))
+    _, rest = jax.lax.scan(body, cache, steps)
+    return jnp.concatenate([logits[:, None], jnp.swapaxes(rest, 0, 1)], 1)

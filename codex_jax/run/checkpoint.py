@@ -1,0 +1,152 @@
+"""Resumable stage checkpoints with orbax.
+
+Layout: ``OUT/checkpoints/<stage>/<step>/{state,meta}``.  ``state`` holds every array
+leaf of the stage's state pytree (params, optimiser state, step, skip counters,
+KL-controller state, frozen reference and reward sub-trees); ``meta`` records the leaf
+names, shapes and dtypes, the stage key and the config hash.  The data order and
+every step key are pure functions of (stage key, step), so step + key is the whole
+data-order cursor.
+
+orbax writes each step into a temporary directory and renames it when complete, so a
+crash mid-save leaves no step that restores as valid: ``latest_step`` only sees
+committed steps.  Before restoring, the recorded leaves are compared with the leaves
+this run expects, so a different vocabulary size (say) is a clear error naming the
+leaf, never a silent broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from codex_jax.errors import CodexError
+
+
+class CheckpointError(CodexError):
+    """A checkpoint that cannot be restored into this run's state."""
+
+
+def _leaf_name(path) -> str:
+    from codex_jax.run.artifacts import key_name
+
+    # '/' would become a directory level in the on-disk format; '.' stays a name
+    return ".".join(key_name(k) for k in path)
+
+
+def state_leaves(state: Any) -> dict[str, Any]:
+    """{name: array} of the state's dynamic leaves, in pytree order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {_leaf_name(path): leaf for path, leaf in flat}
+
+
+def leaf_specs(leaves: dict[str, Any]) -> dict[str, list]:
+    """{name: [shape, dtype]} -- what a checkpoint must match to be restored."""
+    return {name: [list(np.shape(x)), str(np.dtype(x.dtype))] for name, x in leaves.items()}
+
+
+def _fault_injection(directory: pathlib.Path, save_index: int) -> str | None:
+    """Test hook: ``CODEX_JAX_KILL_AT="<n>:<phase>"`` SIGKILLs this process at the n-th
+    save of the process (1-based) -- phase ``before`` the write, ``during`` it (as soon
+    as orbax's temporary directory appears) or ``after`` it.  Unset in normal use."""
+    spec = os.environ.get("CODEX_JAX_KILL_AT")
+    if not spec:
+        return None
+    n, _, phase = spec.partition(":")
+    if int(n) != save_index:
+        return None
+    if phase == "during":
+        def watch():
+            while True:
+                if any("tmp" in p.name for p in directory.glob("*")):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.0005)
+
+        threading.Thread(target=watch, daemon=True).start()
+    elif phase == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return phase
+
+
+class StageCheckpointer:
+    """Saves and restores one stage's state under ``root/<stage>``."""
+
+    def __init__(self, root: str | pathlib.Path, stage: str, *, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO
+        self._ocp = ocp
+        self.directory = pathlib.Path(root).absolute() / stage
+        self.stage = stage
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    saves = 0  # saves in this process, for the fault-injection hook
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        ocp = self._ocp
+        StageCheckpointer.saves += 1
+        phase = _fault_injection(self.directory, StageCheckpointer.saves)
+        leaves = state_leaves(state)
+        meta = {**meta, "stage": self.stage, "step": int(step), "leaves": leaf_specs(leaves)}
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True)
+        if phase is not None:  # "after" (or a "during" watcher that lost the race)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def read_meta(self, step: int) -> dict:
+        ocp = self._ocp
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, step: int, target: Any, expect: dict | None = None) -> Any:
+        """Restores ``step`` into the structure of ``target`` (a freshly initialised
+        state); ``expect`` entries (e.g. config hash, key data) must match the meta."""
+        ocp = self._ocp
+        where = f"{self.directory / str(step)}"
+        meta = self.read_meta(step)
+        for name, value in (expect or {}).items():
+            if meta.get(name) != value:
+                raise CheckpointError(f"{where}: {name} differs from this run "
+                                      f"(checkpoint {meta.get(name)!r}, run {value!r})")
+        want = leaf_specs(state_leaves(target))
+        have = meta.get("leaves", {})
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        if missing or extra:
+            raise CheckpointError(f"{where}: structure differs from this run's state "
+                                  f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        for name, (shape, dtype) in want.items():
+            if [list(have[name][0]), have[name][1]] != [shape, dtype]:
+                raise CheckpointError(f"{where}: leaf {name} has shape {tuple(have[name][0])} dtype "
+                                      f"{have[name][1]}, this run expects shape {tuple(shape)} dtype {dtype}")
+        # the target's shardings, not the saved ones: a state saved on 4 devices
+        # restores onto 1 (and back), laid out as this run places it
+        targets = state_leaves(target)
+        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=getattr(targets[n], "sharding", None))
+                    for n, (s, d) in want.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))).state
+        treedef = jax.tree_util.tree_structure(target)
+        return jax.tree_util.tree_unflatten(treedef, [restored[n] for n in want])
+
+    def load_leaves(self, step: int) -> dict[str, np.ndarray]:
+        """Every saved leaf of ``step`` as {name: array}, without a target state."""
+        ocp = self._ocp
+        specs = self.read_meta(step)["leaves"]
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh saved it
+        abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=one) for n, (s, d) in specs.items()}
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        return {n: np.asarray(state[n]) for n in specs}
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,174 @@
+"""The driver over the stage table: keys, data preparation, and one loop that runs
+every stage of ``stages.table.pipeline_stages(cfg)`` with checkpoints and guards.
+
+``run_stages`` is the library entry (no files); ``run.pipeline.run_pipeline`` wraps
+it with the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from codex_jax.config.checks import sha256_json
+from codex_jax.config.pipeline import PipelineConfig
+from codex_jax.data.encode import EncodedData, encode_dataset
+from codex_jax.data.records import Dataset
+from codex_jax.data.tokenizer import Tokenizer
+from codex_jax.models.registry import family_for
+from codex_jax.run import train as host_loop
+from codex_jax.run.checkpoint import StageCheckpointer
+from codex_jax.run.guards import make_guard
+from codex_jax.stages.context import StageContext
+from codex_jax.stages.table import Stage, objective, pipeline_stages
+
+
+def key_purposes(cfg: PipelineConfig) -> tuple[str, ...]:
+    """"data" then one purpose per stage, in table order (the split order is the record)."""
+    return ("data",) + tuple(s.label for s in pipeline_stages(cfg))
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, jax.Array]:
+    """One root key per run (a typed key, so JAX's key-reuse checker can audit it),
+    split once by purpose; each stage splits its own key once more (``setup``)."""
+    purposes = key_purposes(cfg)
+    return dict(zip(purposes, jax.random.split(jax.random.key(cfg.seed), len(purposes))))
+
+
+def key_data(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).ravel().tolist()
+
+
+def unsafe_ids(tokenizer, tokens: tuple[str, ...]) -> list[int]:
+    """Ids of the unsafe tokens that are in the vocabulary: the word itself (lower-cased
+    if the tokenizer lower-cases) and, for byte-level BPE, its space-prefixed form
+    ("\u0120eval" is " eval")."""
+    lower = getattr(tokenizer.config, "lowercase", False)
+    forms = [t.lower() if lower else t for t in tokens]
+    ids = [tokenizer.token_id(f) for t in forms for f in (t, "\u0120" + t)]
+    return sorted({i for i in ids if i >= 4})
+
+
+def prepare(dataset: Dataset, cfg: PipelineConfig) -> tuple[Tokenizer, EncodedData]:
+    """Tokeniser + encoded arrays; all input errors surface here, before any output."""
+    if cfg.model == "transformer":
+        from codex_jax.data.bpe import BPETokenizer
+
+        tokenizer = BPETokenizer.build(dataset.corpus.texts, cfg.bpe)
+    else:
+        tokenizer = Tokenizer.build(dataset.corpus.texts, cfg.tokenizer)
+    return tokenizer, encode_dataset(dataset, tokenizer, cfg.data)
+
+
+def make_context(enc: EncodedData, tokenizer, cfg: PipelineConfig, place=None) -> StageContext:
+    rl_cfg = pipeline_stages(cfg)[-1].config(cfg)
+    ids = tuple(unsafe_ids(tokenizer, rl_cfg.unsafe_tokens)) if hasattr(rl_cfg, "unsafe_tokens") else ()
+    return StageContext(cfg=cfg, enc=enc, family=family_for(cfg, enc.vocab_size), unsafe_ids=ids, params={},
+                        **({"place": place} if place is not None else {}))
+
+
+def seed_use(ctx: StageContext) -> dict[str, str | None]:
+    """Per stage: None if its result depends on the seed, else why not ("closed form",
+    "full batch"); a stage is seed-dependent if it or a stage it starts from is."""
+    out: dict[str, str | None] = {}
+    for stage in pipeline_stages(ctx.cfg):
+        own = stage.module.seed_independence(ctx)
+        upstream = [out[s] for s in stage.starts_from]
+        out[stage.name] = own if own is not None and all(u is not None for u in upstream) else None
+    return out
+
+
+@dataclasses.dataclass
+class Runner:
+    """Host-side context of one run: logging, progress, checkpoints, guards, mesh."""
+
+    cfg: PipelineConfig
+    checkpoints: pathlib.Path | None = None  # None: no checkpoints (library use, tests)
+    log: Callable[[dict], None] | None = None
+    progress: bool = True
+    stop_after: tuple[str, int] | None = None  # (stage label, step)
+    sync: Callable[[], None] | None = None  # makes logged records durable (before each save)
+    layout: Any = None  # a sharding.Layout: run every stage on a device mesh (None: one device)
+
+    def place(self, data: Any) -> Any:
+        """Data pools on the mesh (unchanged without a layout)."""
+        return data if self.layout is None else self.layout.place_data(data)
+
+    def guard(self, stage: Stage) -> Callable[[list[dict], Any], None]:
+        return make_guard(stage.label, self.cfg.max_consecutive_skips, stage.config(self.cfg))
+
+    def train(self, stage: Stage, state: Any, data: Any, key: jax.Array, *, total: int, log_every: int) -> Any:
+        """Restores the stage's latest checkpoint (if any), then trains to ``total``."""
+        label, stage_cfg = stage.label, stage.config(self.cfg)
+        ckpt, meta = None, {"config_hash": sha256_json(dataclasses.asdict(stage_cfg)), "key_data": key_data(key)}
+        if self.layout is not None:  # before a restore: it restores into these shardings
+            state = self.layout.place_state(state)
+        if self.checkpoints is not None:
+            ckpt = StageCheckpointer(self.checkpoints, label)
+            latest = ckpt.latest_step()
+            if latest is not None:
+                state = ckpt.restore(latest, state, expect=meta)
+        stop = self.stop_after[1] if self.stop_after and self.stop_after[0] == label else None
+        try:
+            if int(state.step) < total:
+                state, _ = host_loop.train(
+                    state, data, key, total_steps=total, log_every=log_every, step_fn=stage.module.step,
+                    select_fn=stage.module.select_batch, label=label, log=self.log, show=stage.show,
+                    progress=self.progress, checkpoint_every=self.cfg.checkpoint_every,
+                    on_checkpoint=(lambda st: self.save(ckpt, st, meta)) if ckpt else None,
+                    stop_after=stop, check=self.guard(stage), layout=self.layout)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+        return state
+
+    def save(self, ckpt: StageCheckpointer, state: Any, meta: dict) -> None:
+        # records up to this step must be on disk before the checkpoint that makes a
+        # resume skip them, or a crash would lose them for good
+        if self.sync is not None:
+            self.sync()
+        ckpt.save(int(state.step), state, meta)
+
+
+def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runner: Runner | None = None) -> dict:
+    """Runs every stage of the table; returns params, metrics, objective, timings, keys,
+    each stage's seed use and a few decoded samples of M1 and M2."""
+    runner = runner or Runner(cfg=cfg, progress=False)
+    keys = stage_keys(cfg)
+    ctx = make_context(enc, tokenizer, cfg, place=runner.place)
+    params: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for stage in pipeline_stages(cfg):
+        t0 = time.perf_counter()
+        ctx = dataclasses.replace(ctx, params=dict(params))
+        setup = stage.module.setup(ctx, keys[stage.label])
+        state = setup.state
+        if setup.total > 0:
+            state = runner.train(stage, state, setup.data, setup.key, total=setup.total, log_every=setup.log_every)
+        params[stage.name] = stage.module.export(state)
+        metrics[stage.name] = stage.module.report(ctx, setup, state)
+        timings[stage.name] = time.perf_counter() - t0
+    exact = ctx.family.exact_objective is not None
+    return {"params": params, "metrics": metrics, "timings": timings, "seed_use": seed_use(ctx),
+            "keys": {k: key_data(v) for k, v in keys.items()}, "objective": objective(cfg, metrics, exact),
+            "samples": samples(ctx, tokenizer, params, keys["data"], pipeline_stages(cfg)[-1].config(cfg))}
+
+
+def samples(ctx: StageContext, tokenizer, params: dict, key: jax.Array, rl_cfg: Any, n: int = 8) -> list:
+    """A few completions of the same demonstration prompts by M1 and M2 (decoded)."""
+    prompt, pmask = ctx.enc.prompt[:n], ctx.enc.prompt_mask[:n]
+    length = getattr(rl_cfg, "response_len", ctx.cfg.ppo.response_len)
+    out = []
+    for stage in ("M1", "M2"):
+        ids = jax.device_get(ctx.family.sample(params[stage], jax.random.fold_in(key, 7), prompt, pmask, length, 1.0))
+        for i, row in enumerate(ids):
+            p = np.asarray(prompt[i])[np.asarray(pmask[i]) > 0]
+            out.append({"stage": stage, "prompt": tokenizer.decode(p.tolist()),
+                        "completion": tokenizer.decode(row.tolist())})
+    return out

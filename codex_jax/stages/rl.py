@@ -1,0 +1,111 @@
+"""What every on-policy RL stage (PPO, GRPO, RLOO) shares as a stage of the table:
+its prompt pool, its starting trees (policy = M1, reference, reward model, safety
+penalty) and its report (the objective terms before and after training: exact for
+a family with a closed form, Monte Carlo on fixed prompts and keys otherwise).
+
+A state of such a stage has ``params["policy"]`` and ``extras`` {"ref", "reward",
+"penalty", "kl_coef"}, and its config ``response_len`` and ``reference``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from codex_jax.models.family import response_mask
+from codex_jax.stages import lm
+from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
+
+
+def penalty_vector(vocab_size: int, unsafe_ids, penalty: float):
+    """s[v] = penalty for each unsafe id, else 0.  -> f32 [V]."""
+    return jnp.zeros((vocab_size,), jnp.float32).at[jnp.asarray(list(unsafe_ids), jnp.int32)].set(penalty)
+
+
+def prompt_data(ctx: StageContext) -> dict:
+    """The prompt pool (demonstration prompts) and demonstrations for the ptx term."""
+    if "rl" not in ctx.cache:
+        demos = lm_datasets(ctx)["demos"]
+        ctx.cache["rl"] = ctx.place({"prompt": jnp.asarray(ctx.enc.prompt),
+                                     "prompt_mask": jnp.asarray(ctx.enc.prompt_mask),
+                                     "ptx_tokens": demos["tokens"], "ptx_mask": demos["mask"]})
+    return ctx.cache["rl"]
+
+
+def start_trees(ctx: StageContext, cfg: Any) -> dict:
+    """policy = M1, ref = M0 or M1 (``cfg.reference``), reward = RM, penalty [V]."""
+    ref = ctx.params["M0"] if cfg.reference == "pretrain" else ctx.params["M1"]
+    return {"policy": ctx.params["M1"], "ref": ref, "reward": ctx.params["RM"],
+            "penalty": penalty_vector(ctx.family.vocab_size, ctx.unsafe_ids, cfg.safety_penalty)}
+
+
+@jax.jit
+def exact_terms(state, demo_counts: jax.Array) -> dict:
+    """Exact objective terms of the state's policy (families with a closed form)."""
+    e = state.extras
+    return state.family.exact_objective(state.params["policy"], e["ref"], e["reward"], e["penalty"],
+                                        demo_counts, state.cfg.response_len, e["kl_coef"])
+
+
+@jax.jit
+def sampled_objective(state, batch: dict, key: jax.Array) -> dict:
+    """Monte Carlo objective terms per response on ``batch``'s prompts: L_RLHF = -mean raw
+    RM score, KL = mean sampled KL(pi || ref), safety = mean penalty mass."""
+    fam, e, T = state.family, state.extras, state.cfg.response_len
+    policy, prompt, pmask = state.params["policy"], batch["prompt"], batch["prompt_mask"]
+    response = fam.sample(policy, key, prompt, pmask, T, 1.0)
+    mask = response_mask(response, fam.eos_id)
+    logp = fam.response_logprobs(policy, prompt, pmask, response, 1.0)
+    ref_logp = fam.response_logprobs(e["ref"], prompt, pmask, response, 1.0)
+    rm = fam.reward_token_scores(e["reward"], prompt, pmask, response, mask).sum(-1)
+    return {"L_RLHF": -jnp.mean(rm), "KL": jnp.mean(((logp - ref_logp) * mask).sum(-1)),
+            "safety": jnp.mean((e["penalty"][response] * mask).sum(-1))}
+
+
+def objective_report(ctx: StageContext, setup_: Setup, state, select_batch) -> dict:
+    """The objective terms of the start and the final policy: {"exact_before", "exact_after"}."""
+    demos = lm_datasets(ctx)["demos"]
+    start = setup_.extra["start"]
+    if ctx.family.exact_objective is not None:
+        counts = jnp.bincount(demos["tokens"].ravel(), weights=demos["mask"].ravel(),
+                              length=ctx.family.vocab_size)
+        return {"exact_before": floats(exact_terms(start, counts)), "exact_after": floats(exact_terms(state, counts))}
+    k_eval = setup_.extra["eval_key"]  # same prompts and sampling keys before and after
+    batch = select_batch(state, setup_.data, jax.random.fold_in(k_eval, 0))
+    out = {}
+    for name, st in (("exact_before", start), ("exact_after", state)):
+        out[name] = {**floats(sampled_objective(st, batch, k_eval)),
+                     "L_SFT": floats(lm.evaluate(st.params["policy"], ctx.family, demos))["nll"]}
+    return out
+
+
+def report(ctx: StageContext, setup_: Setup, state, select_batch) -> dict:
+    cfg = state.cfg
+    return {"algorithm": setup_.extra["algorithm"], "reference": cfg.reference,
+            "final_kl_coef": float(state.extras["kl_coef"]), "skipped_updates": int(state.skipped),
+            "unsafe_token_ids": int((state.extras["penalty"] > 0).sum()),
+            **objective_report(ctx, setup_, state, select_batch)}
+
+
+def export(state):
+    return state.params["policy"]
+
+
+def seed_independence(ctx: StageContext) -> str | None:
+    return None  # every iteration samples responses
+
+
+def set_kl_coef(states, values: jax.Array, ctx: StageContext):
+    """Sweep setter: the (initial) KL coefficient of each stacked member.  values [G]."""
+    return states.replace(extras={**states.extras, "kl_coef": values})
+
+
+def set_safety_penalty(states, values: jax.Array, ctx: StageContext):
+    """Sweep setter: the penalty per unsafe token of each stacked member.  values [G]."""
+    base = penalty_vector(ctx.family.vocab_size, ctx.unsafe_ids, 1.0)
+    return states.replace(extras={**states.extras, "penalty": values[:, None] * base[None, :]})
+
+
+SWEEP_SETTERS = {"kl_coef": set_kl_coef, "safety_penalty": set_safety_penalty}

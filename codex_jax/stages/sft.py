@@ -1,0 +1,45 @@
+"""M1: supervised fine-tuning of M0 on prompt-masked demonstrations (optax).
+
+The math lives in ``stages.lm`` (shared with pretraining).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from codex_jax.stages import lm
+from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
+
+init, select_batch, step, evaluate = lm.init, lm.select_batch, lm.step, lm.evaluate
+SHOW = ("loss",)
+
+
+def setup(ctx: StageContext, key: jax.Array) -> Setup:
+    cfg, data = ctx.cfg.sft, lm_datasets(ctx)
+    k_init, k_train = jax.random.split(key)
+    return Setup(init(k_init, cfg, ctx.family, params=ctx.params["M0"]), data["demos"], k_train,
+                 cfg.steps, cfg.log_every)
+
+
+def report(ctx: StageContext, setup_: Setup, state) -> dict:
+    data, fam, m0 = lm_datasets(ctx), ctx.family, ctx.params["M0"]
+    out = {"demo_nll_before": floats(evaluate(m0, fam, data["demos"]))["nll"],
+           "demo_nll_after": floats(evaluate(state.params, fam, data["demos"]))["nll"],
+           "skipped_updates": int(state.skipped)}
+    held = data["heldout_demos"]
+    if held is not None:
+        out.update(heldout_demos=int(held["tokens"].shape[0]),
+                   heldout_demo_nll_before=floats(evaluate(m0, fam, held))["nll"],
+                   heldout_demo_nll_after=floats(evaluate(state.params, fam, held))["nll"])
+    return out
+
+
+def export(state):
+    return state.params
+
+
+def seed_independence(ctx: StageContext) -> str | None:
+    # SFT starts from M0 (its own init key is unused); minibatches are the only draw
+    if ctx.cfg.sft.batch_size >= ctx.enc.sft_tokens.shape[0]:
+        return "full batch"
+    return None
