@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codex_jax.cli import audit, run, sample, sweep
+from codex_jax.cli import audit, evaluate, run, sample, sweep
 from codex_jax.errors import CodexError
 
-COMMANDS = (run, audit, sweep, sample)
+COMMANDS = (run, evaluate, audit, sweep, sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
