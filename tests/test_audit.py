@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import re
@@ -70,9 +71,12 @@ def table_rows(out: str, first_column: tuple[str, ...]) -> dict[str, list[list[s
     return rows
 
 
-def manifest(prints: dict[str, str], **extra) -> dict:
+def manifest(prints: dict[str, str], declared: dict[str, str] | None = None, **extra) -> dict:
+    """A manifest with these fingerprints; ``declared``: stage -> why it is seed-independent."""
+    declared = declared or {}
     return {"seed": 0, "data_source": "default", "environment": {"jax": "1"},
-            "stages": {s: {"fingerprint": fp, "config_hash": f"c{s}", "data_hash": {"corpus": "d"}}
+            "stages": {s: {"fingerprint": fp, "config_hash": f"c{s}", "data_hash": {"corpus": "d"},
+                           "seed_independent": declared.get(s)}
                        for s, fp in prints.items()}, **extra}
 
 
@@ -116,6 +120,46 @@ def test_audit_runs_stage_unchanged_by_the_other_seed():
     # ... but a seeded stage that does not change still fails with M0 closed form
     rows, ok = audit.audit_runs([manifest(SAME), manifest(SAME)], manifest({**other, "M2": SAME["M2"]}), {"M0"})
     assert not ok and rows[-1]["changes with seed"] == "no"
+
+
+def test_audit_runs_reads_seed_independence_from_the_manifest():
+    """A stage the run declares seed-independent (from the stage table) must stay equal
+    under another seed and is shown with the reason; if it changes, the declaration is wrong."""
+    declared = {"M0": "closed form", "M1": "full batch"}
+    other = {**OTHER, "M0": SAME["M0"], "M1": SAME["M1"]}
+    runs = [manifest(SAME, declared), manifest(SAME, declared)]
+    rows, ok = audit.audit_runs(runs, manifest(other, declared))
+    assert ok
+    assert {r["stage"]: r["changes with seed"] for r in rows} == {
+        "M0": "seed-independent (closed form)", "M1": "seed-independent (full batch)", "RM": "yes", "M2": "yes"}
+    rows, ok = audit.audit_runs(runs, manifest(OTHER, declared))  # M1 changed after all
+    assert not ok and rows[1]["changes with seed"] == "yes (declared full batch: wrong)"
+    rows, ok = audit.audit_runs([manifest(SAME), manifest(SAME)], manifest(other))  # nothing declared
+    assert not ok and rows[1]["changes with seed"] == "no"
+
+
+def test_audit_catches_a_stage_whose_key_is_ignored(tmp_path, tiny_data_dir, monkeypatch):
+    """End to end: a reward stage that draws with a fixed key instead of its own gives the
+    same RM under another seed, and the audit fails on that row (and only that row)."""
+    import jax
+
+    from codex_jax.config import PipelineConfig, from_dict
+    from codex_jax.data.records import load_dataset
+    from codex_jax.run.pipeline import run_pipeline
+    from codex_jax.stages import reward
+
+    cfg = from_dict(PipelineConfig, {**copy.deepcopy(TINY_CONFIG), "checkpoint_every": 0})
+    dataset = load_dataset(tiny_data_dir)
+    original = reward.setup
+    monkeypatch.setattr(reward, "setup", lambda ctx, key: original(ctx, jax.random.key(1234)))
+    manifests = []
+    for i, seed in enumerate((0, 0, 1)):
+        run_pipeline(dataset, dataclasses.replace(cfg, seed=seed), tmp_path / str(i), progress=False)
+        manifests.append(audit.read_manifest(tmp_path / str(i) / "manifest.json"))
+    rows, ok = audit.audit_runs(manifests[:2], manifests[2])
+    assert not ok
+    assert {r["stage"]: r["changes with seed"] for r in rows}["RM"] == "no"
+    assert [r["stage"] for r in rows if r["changes with seed"] == "no"] == ["RM"]
 
 
 def test_audit_runs_without_other_seed_and_with_none():
@@ -285,3 +329,20 @@ def test_audit_against_a_tampered_manifest_fails_and_names_it(audited, capsys, t
     assert "environments identical" not in out
     verdict = out.strip().splitlines()[-1]
     assert verdict.startswith("verdict: FAIL") and "M1 fingerprint" in verdict
+
+
+def test_audit_with_fewer_demonstrations_than_the_sft_batch_passes(tmp_path, tiny_data_dir, jax_cache_dir,
+                                                                   monkeypatch, capsys):
+    """8 demonstrations < sft.batch_size 256: SFT is full-batch and, from the closed-form M0,
+    legitimately seed-independent.  The audit shows why and passes (it printed
+    "FAIL - unchanged by seed 1: M1" before the stage table recorded it)."""
+    cfg = {**copy.deepcopy(TINY_CONFIG), "checkpoint_every": 0, "sft": {"steps": 4, "log_every": 2, "batch_size": 256}}
+    config = write_config(tmp_path / "full_batch.json", cfg)
+    monkeypatch.setenv("CODEX_JAX_CACHE", str(jax_cache_dir))
+    rc, out, err = run_audit(capsys, "--data", str(tiny_data_dir), "--config", str(config), "--seed", "0")
+    assert rc == 0, out + err
+    rows = table_rows(out, STAGES)
+    assert rows["M0"][0][3] == "seed-independent (closed form)"
+    assert rows["M1"][0][3] == "seed-independent (full batch)"
+    assert rows["RM"][0][3] == "yes" and rows["M2"][0][3] == "yes"
+    assert "verdict: PASS" in out and "M1 seed-independent (full batch)" in out

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codex_jax.data import corruptions
 from codex_jax.data import stdlib as dd
 from codex_jax.errors import ConfigError, DataError
 
@@ -148,7 +149,7 @@ def test_rule_tables():
     assert len(dd.UNSAFE_CORRUPTIONS) >= 3
     assert set(dd.UNSAFE_CALLS) == dd.UNSAFE_CORRUPTIONS
     for rule in dd.CORRUPTIONS:
-        assert f"``{rule}``" in dd.__doc__
+        assert f"``{rule}``" in corruptions.__doc__
 
 
 @pytest.mark.parametrize("rule", dd.CORRUPTIONS)
@@ -173,10 +174,10 @@ def test_corrupt_fallbacks():
     body = "    a = g(x)\n    return a\n"
     nxt = order[(order.index("swap_operators") + 1) % len(order)]
     assert dd.corrupt(PROMPT, body, "swap_operators") == dd.corrupt(PROMPT, body, nxt)
-    assert dd._corrupt(PROMPT, body, "swap_operators")[0] == nxt
+    assert corruptions.corrupt_with_fallback(PROMPT, body, "swap_operators")[0] == nxt
     # Only `return None`: nothing for drop_returns to change.
     body = "    return None\n"
-    assert dd._corrupt(PROMPT, body, "drop_returns")[0] != "drop_returns"
+    assert corruptions.corrupt_with_fallback(PROMPT, body, "drop_returns")[0] != "drop_returns"
 
 
 def test_corrupt_details():
@@ -241,7 +242,7 @@ def test_corrupt_property(stmts, rule):
     body = "".join("    " + s.replace("\n", "\n    ") + "\n" for s in stmts)
     if all(s == "# note" for s in stmts):
         body += "    pass\n"
-    applied, out = dd._corrupt(PROMPT, body, rule)
+    applied, out = corruptions.corrupt_with_fallback(PROMPT, body, rule)
     assert out == dd.corrupt(PROMPT, body, rule)
     assert out != body and out.strip()
     ast.parse(PROMPT + out)

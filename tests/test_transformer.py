@@ -11,7 +11,7 @@ import pytest
 from codex_jax.config import LMConfig, OptimConfig, TransformerConfig
 from codex_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from codex_jax.errors import ConfigError
-from codex_jax.models import generate
+from codex_jax.models import generate, registry
 from codex_jax.models import transformer as tf
 from codex_jax.stages import lm
 
@@ -176,7 +176,7 @@ def test_response_logprobs_is_token_nll_of_the_concatenated_row():
 def test_response_logprobs_temperature_and_jit_agree():
     params = _policy()
     prompt, pmask, response = _batch()
-    fam = tf.transformer_family(CFG, V)
+    fam = registry.transformer(V, CFG)
     eager = fam.response_logprobs(params, prompt, pmask, response, 0.5)
     jitted = resp_logprobs(CFG, V, params, prompt, pmask, response, 0.5)
     np.testing.assert_allclose(eager, jitted, atol=1e-5)
@@ -251,8 +251,9 @@ def test_reward_scores_sit_on_the_last_valid_token_only():
 
 
 def test_values_read_the_state_that_produces_each_token():
-    init_value, values = tf.transformer_value_fns(CFG, V)
-    assert tf.transformer_value_fns(CFG, V) == (init_value, values)
+    fam = registry.transformer(V, CFG)
+    init_value, values = fam.init_value, fam.values
+    assert registry.transformer(V, CFG) is fam
     critic = _perturb(init_value(jax.random.PRNGKey(0)), 1)
     prompt, pmask, response = _batch()
     val = values_fn(CFG, V, critic, prompt, pmask, response)
@@ -263,8 +264,8 @@ def test_values_read_the_state_that_produces_each_token():
 
 # --------------------------------------------------------------------------- family, training
 def test_family_is_cached_and_learned_positions_refuse_long_inputs():
-    fam = tf.transformer_family(CFG, V)
-    assert fam is tf.transformer_family(TransformerConfig(layers=2, d_model=32, heads=4, context_len=32), V)
+    fam = registry.transformer(V, CFG)
+    assert fam is registry.transformer(V, TransformerConfig(layers=2, d_model=32, heads=4, context_len=32))
     hash(fam)
     assert fam.name == "transformer" and fam.fit_exact is None and fam.exact_objective is None
     with pytest.raises(ConfigError, match="context_len"):
@@ -282,7 +283,7 @@ def test_count_flops_matches_the_parameter_tree():
 
 
 def test_adam_steps_lower_the_loss_on_a_repetitive_corpus():
-    fam = tf.transformer_family(CFG, V)
+    fam = registry.transformer(V, CFG)
     tokens = np.stack([np.roll(np.tile(np.arange(4, 12), 2), r) for r in range(8)]).astype(np.int32)
     cfg = LMConfig(steps=30, batch_size=8, optim=OptimConfig(lr=0.01))
     data = lm.make_data(tokens, np.ones_like(tokens, np.float32), 8)

@@ -36,10 +36,10 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     if 0 < top_k < vocab:
         ordered = jax.lax.top_k(logits, top_k)[0]
         # min over all k, not ordered[..., -1]: XLA turns a top_k whose only use is its
-        # last element into a full sort (50x slower on CPU at V = 8192)
+        # last element into a full sort
         logits = jnp.where(logits < jnp.min(ordered, -1, keepdims=True), -jnp.inf, logits)
     if top_p < 1.0:
-        if ordered is None:  # a full sort only without top-k (~55 ms per [32, 8192] on CPU)
+        if ordered is None:  # a full sort only without top-k
             ordered = -jnp.sort(-logits, axis=-1)
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely ids

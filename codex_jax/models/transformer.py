@@ -157,7 +157,7 @@ def make_model(cfg: TransformerConfig, vocab_size: int, scalar_head: bool = Fals
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 3))
 def init_params(cfg: TransformerConfig, vocab_size: int, key: jax.Array, scalar_head: bool = False):
-    """Jitted: flax's eager init dispatches (and compiles) op by op, ~7 s on 2 CPU cores."""
+    """Jitted: flax's eager init dispatches (and compiles) op by op, which is slow."""
     tokens = jnp.zeros((1, 2), jnp.int32)
     positions = jnp.arange(2, dtype=jnp.int32)[None]
     mask = causal_mask(jnp.ones((1, 2), bool))
