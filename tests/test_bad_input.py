@@ -368,6 +368,11 @@ SECTIONS = {
     "bpe": {"vocab_size": (INT, 260), "min_frequency": (INT, 1)},
     "objective": {"alpha": (FLOAT, 0.0, INF, False), "beta": (FLOAT, 0.0, INF, False),
                   "gamma": (FLOAT, 0.0, INF, False)},
+    "tasks": {"enabled": (BOOL,), "problems_per_family": (INT, 2), "heldout_fraction": (FLOAT, 0.0, 1.0, True),
+              "seed": (INT, 0), "families": (TOKENS,), "reward": (CHOICE, ("rm", "execution", "mixed")),
+              "execution_mode": (CHOICE, ("fraction", "pass")), "execution_coef": (FLOAT, 0.0, INF, False),
+              "timeout": (FLOAT, 0.0, INF, True), "require_sandbox": (BOOL,), "eval_samples": (INT, 1),
+              "eval_temperature": (FLOAT, 0.0, INF, True)},
     **{f"{s}.optim": OPTIM for s in ("pretrain", "sft", "reward", "ppo")},
 }
 OPTIONAL = {("ppo", "kl_target"), ("ppo", "max_kl")}  # None is valid there

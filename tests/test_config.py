@@ -19,7 +19,9 @@ from codex_jax.config import (
     PipelineConfig,
     PPOConfig,
     RewardConfig,
+    TasksConfig,
     TransformerConfig,
+    from_dict,
     load_config,
     sha256_json,
 )
@@ -48,6 +50,7 @@ INT_FIELDS = [
     (TransformerConfig, "layers", 1), (TransformerConfig, "mlp_ratio", 1),
     (TransformerConfig, "context_len", 2), (TransformerConfig, "top_k", 0),
     (BPEConfig, "vocab_size", 260), (BPEConfig, "min_frequency", 1),
+    (TasksConfig, "problems_per_family", 2), (TasksConfig, "seed", 0), (TasksConfig, "eval_samples", 1),
 ]
 
 # (class, field, low, high, low_open)
@@ -75,6 +78,8 @@ FLOAT_FIELDS = [
     (ObjectiveConfig, "beta", 0.0, INF, False),
     (ObjectiveConfig, "gamma", 0.0, INF, False),
     (TransformerConfig, "top_p", 0.0, 1.0, True),
+    (TasksConfig, "heldout_fraction", 0.0, 1.0, True), (TasksConfig, "execution_coef", 0.0, INF, False),
+    (TasksConfig, "timeout", 0.0, INF, True), (TasksConfig, "eval_temperature", 0.0, INF, True),
 ]
 
 CHOICE_FIELDS = [
@@ -87,12 +92,16 @@ CHOICE_FIELDS = [
     (PipelineConfig, "model", ("unigram",)),  # "transformer" needs its own defaults: tested below
     (TransformerConfig, "positions", ("rotary", "learned")),
     (TransformerConfig, "dtype", ("float32", "bfloat16")),
+    (TasksConfig, "reward", ("rm", "execution", "mixed")),
+    (TasksConfig, "execution_mode", ("fraction", "pass")),
 ]
 
-BOOL_FIELDS = [(PPOConfig, "whiten_advantages"), (PPOConfig, "whiten_rewards"), (TokenizerConfig, "lowercase")]
+BOOL_FIELDS = [(PPOConfig, "whiten_advantages"), (PPOConfig, "whiten_rewards"), (TokenizerConfig, "lowercase"),
+               (TasksConfig, "enabled"), (TasksConfig, "require_sandbox")]
 OPTIONAL_FIELDS = {(PPOConfig, "kl_target"), (PPOConfig, "max_kl")}  # None switches them off
 # Fields with their own tests below.
-SPECIAL_FIELDS = {(PPOConfig, "unsafe_tokens"), (TransformerConfig, "d_model"), (TransformerConfig, "heads")}
+SPECIAL_FIELDS = {(PPOConfig, "unsafe_tokens"), (TransformerConfig, "d_model"), (TransformerConfig, "heads"),
+                  (TasksConfig, "families")}
 
 
 def leaf_fields(cls) -> set:
@@ -538,3 +547,18 @@ def test_transformer_pipeline_checks_its_lengths_and_mode():
         load_config(None, model="transformer", pretrain={"mode": "exact"})
     with pytest.raises(ConfigError, match=r"transformer.context_len must be >= 128"):
         load_config(None, model="transformer", transformer={"context_len": 64})
+
+
+@pytest.mark.parametrize("bad", ["add_k", ["add_k", 3], [""], None])
+def test_task_families_must_be_a_list_of_names(bad):
+    with pytest.raises(ConfigError, match=r"families"):
+        from_dict(PipelineConfig, {"tasks": {"families": bad}})
+
+
+def test_tasks_need_the_transformer_and_no_content_held_out():
+    with pytest.raises(ConfigError, match="tasks.enabled needs model 'transformer'"):
+        from_dict(PipelineConfig, {"tasks": {"enabled": True}})
+    with pytest.raises(ConfigError, match="data.heldout_fraction = 0"):
+        load_config(None, model="transformer", tasks={"enabled": True})
+    cfg = load_config(None, model="transformer", tasks={"enabled": True}, data={"heldout_fraction": 0.0})
+    assert cfg.tasks.enabled and cfg.tasks.reward == "execution"

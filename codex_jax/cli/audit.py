@@ -98,7 +98,7 @@ def _audit_against_cmd(args: argparse.Namespace) -> int:
     config = recorded_config(path)
     source = recorded["data_source"]
     data = None
-    if source != "default":
+    if source not in ("default", "tasks"):  # "tasks": the recorded config rebuilds it
         if not pathlib.Path(source).is_dir():
             raise CodexError(f"{path}: the recorded data source {source} is not a directory")
         data = source

@@ -17,12 +17,18 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def load_dataset(source: str | None):
-    """A user's directory, or the built-in default data (source None or "default")."""
+def load_dataset(source: str | None, cfg=None):
+    """A user's directory, the built-in default data (source None or "default"), or the
+    built-in task set of ``cfg.tasks`` (source "tasks")."""
     import dataclasses
 
     from codex_jax.data import records as data
 
+    if source == "tasks":
+        from codex_jax.run.tasks import task_data_dir
+
+        print("[    data] writing or reading the built-in task set", file=sys.stderr)
+        return dataclasses.replace(data.load_dataset(task_data_dir(cfg.tasks)), source="tasks")
     if source is not None and source != "default":
         ds = data.load_dataset(source)
         return dataclasses.replace(ds, source=str(pathlib.Path(source).absolute()))

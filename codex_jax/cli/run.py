@@ -48,6 +48,18 @@ def _start_devices(args: argparse.Namespace):
     return lambda: make_layout(sizes, fsdp=args.fsdp)
 
 
+def with_tasks(cfg):
+    """``--tasks``: the task set as data, nothing held out by content hash (held-out
+    problems are separate), and the execution reward configured in ``[tasks]``."""
+    import dataclasses
+
+    from codex_jax.config import PipelineConfig, from_dict
+
+    data = {**cfg.to_dict(), "tasks": {**dataclasses.asdict(cfg.tasks), "enabled": True}}
+    data["data"]["heldout_fraction"] = 0.0
+    return from_dict(PipelineConfig, data)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from codex_jax.config import load_config
     from codex_jax.run.pipeline import read_run_record, run_pipeline
@@ -60,12 +72,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CodexError("--resume takes the run's own config, data and seed; "
                              "do not pass --config/--data/--seed/--model with it")
         out = args.resume
+        if args.tasks:
+            raise CodexError("--resume takes the run's own data; do not pass --tasks with it")
         cfg, source = read_run_record(out)
-        dataset = load_dataset(source)
+        dataset = load_dataset(source, cfg)
     else:
         out = args.out
         cfg = load_config(args.config, seed=args.seed, model=args.model)
-        dataset = load_dataset(args.data)
+        if args.tasks:
+            if args.data:
+                raise CodexError("--tasks uses the built-in task set as the data; do not pass --data with it")
+            cfg = with_tasks(cfg)
+        dataset = load_dataset("tasks" if cfg.tasks.enabled else args.data, cfg)
     enable_compilation_cache()
     try:
         summary = run_pipeline(dataset, cfg, out, progress=not args.quiet, resume=args.resume is not None,
@@ -95,6 +113,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--model", choices=("unigram", "transformer"), default=None,
                      help="model family (default: unigram; 'transformer' takes its own defaults)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--tasks", action="store_true",
+                     help="train on the built-in code task set with the execution reward of [tasks] and report "
+                          "pass@k of M1 and M2 on its held-out problems (needs --model transformer)")
     run.add_argument("--resume", metavar="OUT", help="continue the stopped run in OUT from its checkpoints")
     run.add_argument("--stop-after", metavar="STAGE:STEP",
                      help="stop right after the checkpoint at STAGE:STEP (e.g. sft:40); resume later")

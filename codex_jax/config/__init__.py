@@ -19,10 +19,11 @@ from codex_jax.config.pipeline import (
     load_config,
 )
 from codex_jax.config.stages import DEFAULT_UNSAFE_TOKENS, LMConfig, OptimConfig, PPOConfig, RewardConfig
+from codex_jax.config.tasks import TasksConfig
 from codex_jax.config.tokenizers import BPEConfig, TokenizerConfig
 
 __all__ = [
     "BPEConfig", "DEFAULT_UNSAFE_TOKENS", "DataConfig", "LMConfig", "MESH_AXES", "MODELS", "ObjectiveConfig",
-    "OptimConfig", "PPOConfig", "PipelineConfig", "RewardConfig", "TokenizerConfig", "TransformerConfig",
+    "OptimConfig", "PPOConfig", "PipelineConfig", "RewardConfig", "TasksConfig", "TokenizerConfig", "TransformerConfig",
     "default_config", "from_dict", "load_config", "mesh_flags", "parse_mesh", "sha256_json",
 ]

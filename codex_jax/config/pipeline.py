@@ -15,6 +15,7 @@ from typing import Any
 
 from codex_jax.config.checks import check_choice, check_float, check_int, sha256_json
 from codex_jax.config.stages import LMConfig, OptimConfig, PPOConfig, RewardConfig
+from codex_jax.config.tasks import TasksConfig
 from codex_jax.config.tokenizers import BPEConfig, TokenizerConfig
 from codex_jax.errors import ConfigError
 
@@ -106,6 +107,7 @@ class PipelineConfig:
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    tasks: TasksConfig = TasksConfig()
 
     def __post_init__(self):
         check_int(self, "seed", minimum=0)
@@ -116,6 +118,12 @@ class PipelineConfig:
         check_choice(self, "model", MODELS)
         if self.sft.mode != "gradient":
             raise ConfigError(f"PipelineConfig.sft.mode must be 'gradient', got {self.sft.mode!r}")
+        if self.tasks.enabled and self.model != "transformer":
+            raise ConfigError("tasks.enabled needs model 'transformer' (a context-free unigram cannot write "
+                              f"a program), got model {self.model!r}")
+        if self.tasks.enabled and self.data.heldout_fraction != 0:
+            raise ConfigError("tasks.enabled: set data.heldout_fraction = 0 (the task set holds out whole "
+                              f"problems by parameter), got {self.data.heldout_fraction!r}")
         if self.model == "transformer":
             if self.pretrain.mode != "gradient":
                 raise ConfigError("pretrain.mode must be 'gradient' for model 'transformer' "

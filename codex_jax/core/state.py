@@ -28,11 +28,14 @@ class TrainState:
     family: Any = struct.field(pytree_node=False)  # a models.family.Family
     cfg: Any = struct.field(pytree_node=False)  # the stage's config dataclass
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    # host-side callables the compiled step calls through jax.pure_callback (e.g. the
+    # execution reward of an RL stage); static, compared by identity; None: none
+    host_reward: Any = struct.field(pytree_node=False, default=None)
 
 
 def init_state(params: Any, family: Any, cfg: Any, tx: optax.GradientTransformation,
-               extras: dict | None = None) -> TrainState:
+               extras: dict | None = None, host_reward: Any = None) -> TrainState:
     """A state at step 0 with a fresh optimiser state for ``params``."""
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                       skipped=jnp.zeros((), jnp.int32), extras=dict(extras or {}),
-                      family=family, cfg=cfg, tx=tx)
+                      family=family, cfg=cfg, tx=tx, host_reward=host_reward)

@@ -20,10 +20,13 @@ from codex_jax.config.pipeline import PipelineConfig
 from codex_jax.data.encode import EncodedData, encode_dataset
 from codex_jax.data.records import Dataset
 from codex_jax.data.tokenizer import Tokenizer
+from codex_jax.errors import DataError
 from codex_jax.models.registry import family_for
 from codex_jax.run import train as host_loop
 from codex_jax.run.checkpoint import StageCheckpointer
+from codex_jax.run.execution import ExecutionReward
 from codex_jax.run.guards import make_guard
+from codex_jax.run.tasks import task_problems
 from codex_jax.stages.context import StageContext
 from codex_jax.stages.table import Stage, objective, pipeline_stages
 
@@ -66,10 +69,25 @@ def prepare(dataset: Dataset, cfg: PipelineConfig) -> tuple[Tokenizer, EncodedDa
 
 
 def make_context(enc: EncodedData, tokenizer, cfg: PipelineConfig, place=None) -> StageContext:
+    """The stages' shared context; with ``[tasks]`` and an execution reward it holds the
+    host reward (its sandbox starts on first use; ``close_context`` stops it)."""
     rl_cfg = pipeline_stages(cfg)[-1].config(cfg)
     ids = tuple(unsafe_ids(tokenizer, rl_cfg.unsafe_tokens)) if hasattr(rl_cfg, "unsafe_tokens") else ()
+    host_reward = None
+    if cfg.tasks.enabled and cfg.tasks.reward != "rm":
+        train, _ = task_problems(cfg.tasks)
+        if len(train) != enc.prompt.shape[0]:
+            raise DataError(f"tasks: {enc.prompt.shape[0]} prompts in the pool but {len(train)} training problems "
+                            "(the data must be the task set's own files)")
+        host_reward = ExecutionReward(tokenizer, train, cfg.tasks)
     return StageContext(cfg=cfg, enc=enc, family=family_for(cfg, enc.vocab_size), unsafe_ids=ids, params={},
-                        **({"place": place} if place is not None else {}))
+                        host_reward=host_reward, **({"place": place} if place is not None else {}))
+
+
+def close_context(ctx: StageContext) -> None:
+    """Stops what the context started (the execution reward's sandbox workers)."""
+    if ctx.host_reward is not None:
+        ctx.host_reward.close()
 
 
 def seed_use(ctx: StageContext) -> dict[str, str | None]:
@@ -144,16 +162,23 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     params: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    for stage in pipeline_stages(cfg):
-        t0 = time.perf_counter()
-        ctx = dataclasses.replace(ctx, params=dict(params))
-        setup = stage.module.setup(ctx, keys[stage.label])
-        state = setup.state
-        if setup.total > 0:
-            state = runner.train(stage, state, setup.data, setup.key, total=setup.total, log_every=setup.log_every)
-        params[stage.name] = stage.module.export(state)
-        metrics[stage.name] = stage.module.report(ctx, setup, state)
-        timings[stage.name] = time.perf_counter() - t0
+    try:
+        for stage in pipeline_stages(cfg):
+            t0 = time.perf_counter()
+            ctx = dataclasses.replace(ctx, params=dict(params))
+            setup = stage.module.setup(ctx, keys[stage.label])
+            state = setup.state
+            if setup.total > 0:
+                state = runner.train(stage, state, setup.data, setup.key, total=setup.total,
+                                     log_every=setup.log_every)
+            params[stage.name] = stage.module.export(state)
+            metrics[stage.name] = stage.module.report(ctx, setup, state)
+            timings[stage.name] = time.perf_counter() - t0
+        if ctx.host_reward is not None:
+            metrics["M2"]["execution_reward"] = {"calls": ctx.host_reward.calls, "programs": ctx.host_reward.programs,
+                                                 "isolation": ctx.host_reward.isolation}
+    finally:
+        close_context(ctx)
     exact = ctx.family.exact_objective is not None
     return {"params": params, "metrics": metrics, "timings": timings, "seed_use": seed_use(ctx),
             "keys": {k: key_data(v) for k, v in keys.items()}, "objective": objective(cfg, metrics, exact),

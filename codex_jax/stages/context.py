@@ -34,6 +34,10 @@ class StageContext:
     unsafe_ids: tuple[int, ...]  # token ids of the rule-based safety penalty
     params: Mapping[str, Any]  # exported params of the stages already run ("M0", ...)
     place: Callable[[Any], Any] = lambda tree: tree  # data onto the device mesh (identity: one device)
+    # RL reward computed on the host: (prompt ids int32 [B], responses int32 [B, T]) -> f32 [B]
+    # (the execution reward of run.execution); None: the reward model alone
+    host_reward: Callable[[Any, Any], Any] | None = None
+    reward_mix: tuple[float, float] = (1.0, 0.0)  # (RM weight, host-reward weight)
     cache: dict = dataclasses.field(default_factory=dict)  # data built once and shared by later stages
 
 

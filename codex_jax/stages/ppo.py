@@ -48,6 +48,7 @@ def select_batch(state: TrainState, data: dict, key: jax.Array) -> dict:
     p_idx = jax.random.randint(k_prompt, (cfg.rollouts,), 0, data["prompt"].shape[0])
     d_idx = jax.random.randint(k_ptx, (cfg.ptx_batch_size,), 0, data["ptx_tokens"].shape[0])
     return {
+        "prompt_id": p_idx,  # row of the prompt pool (the problem, for an execution reward)
         "prompt": data["prompt"][p_idx],
         "prompt_mask": data["prompt_mask"][p_idx],
         "ptx_tokens": data["ptx_tokens"][d_idx],
@@ -63,10 +64,10 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
     mask = response_mask(response, fam.eos_id)
     old_logp = fam.response_logprobs(state.params["policy"], prompt, pmask, response, cfg.temperature) * mask
     ref_logp = fam.response_logprobs(state.extras["ref"], prompt, pmask, response, cfg.temperature) * mask
-    rm = fam.reward_token_scores(state.extras["reward"], prompt, pmask, response, mask)  # [B, T]
+    last = (jnp.arange(mask.shape[-1]) == mask.sum(-1, keepdims=True) - 1).astype(jnp.float32)
+    rm = rl.task_reward(state, batch["prompt_id"], prompt, pmask, response, mask, last)  # [B, T]
     if cfg.whiten_rewards:
         rm = rm * jax.lax.rsqrt(kernels.masked_var(rm.sum(-1), jnp.ones(rm.shape[:1])) + kernels.EPS)
-    last = (jnp.arange(mask.shape[-1]) == mask.sum(-1, keepdims=True) - 1).astype(jnp.float32)
     if fam.eos_id is not None and cfg.no_eos_penalty:
         no_eos = 1.0 - jnp.any((response == fam.eos_id) & (mask > 0), axis=-1, keepdims=True)
         rm = rm - cfg.no_eos_penalty * no_eos * last
@@ -194,6 +195,7 @@ def setup(ctx: StageContext, key: jax.Array) -> Setup:
     k_value, k_train, k_eval = jax.random.split(key, 3)
     value = ctx.family.init_value(k_value) if ctx.family.init_value is not None else None
     start = init(cfg, ctx.family, trees["policy"], trees["ref"], trees["reward"], trees["penalty"], value=value)
+    start = start.replace(host_reward=ctx.host_reward)
     return Setup(start, rl.prompt_data(ctx), k_train, cfg.iterations, cfg.log_every,
                  extra={"start": start, "eval_key": k_eval, "algorithm": "ppo"})
 

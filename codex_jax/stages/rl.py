@@ -41,6 +41,25 @@ def start_trees(ctx: StageContext, cfg: Any) -> dict:
             "penalty": penalty_vector(ctx.family.vocab_size, ctx.unsafe_ids, cfg.safety_penalty)}
 
 
+def task_reward(state, prompt_id, prompt, prompt_mask, response, mask, last) -> jax.Array:
+    """The per-token reward before penalties, f32 [B, T]: the reward model's scores and/or
+    a host reward (the execution reward: completions run against their problem's tests)
+    on each response's last valid token.  The host reward runs between the jitted rollout
+    and the jitted update through ``jax.pure_callback``; it is a deterministic function of
+    (prompt ids [B], responses [B, T]), so a seed still gives bitwise-identical runs.
+    ``state.host_reward`` carries its static weights ``rm_weight`` and ``weight``."""
+    fam, host = state.family, state.host_reward
+    total = jnp.zeros(response.shape, jnp.float32)
+    if host is None or host.rm_weight > 0:  # static: an execution-only reward skips the RM pass
+        rm = fam.reward_token_scores(state.extras["reward"], prompt, prompt_mask, response, mask)
+        total = rm if host is None else host.rm_weight * rm
+    if host is not None:
+        out = jax.ShapeDtypeStruct(prompt_id.shape, jnp.float32)
+        r = jax.pure_callback(host, out, prompt_id, response, vmap_method="sequential")
+        total = total + host.weight * r[:, None] * last
+    return total
+
+
 @jax.jit
 def exact_terms(state, demo_counts: jax.Array) -> dict:
     """Exact objective terms of the state's policy (families with a closed form)."""
