@@ -10,14 +10,13 @@ from typing import Any
 from codex_jax.cli.common import enable_compilation_cache, load_dataset
 from codex_jax.errors import CodexError
 
-# the stage labels --stop-after accepts (stages.table.LABELS; not imported: it pulls in JAX)
-LABELS = ("pretrain", "sft", "reward", "ppo")
-
 
 def _parse_stop_after(text: str | None) -> tuple[str, int] | None:
     if text is None:
         return None
     stage, _, step = text.partition(":")
+    from codex_jax.stages.table import LABELS  # deferred: it imports JAX
+
     if stage not in LABELS or not step.isdigit() or int(step) < 1:
         raise CodexError(f"--stop-after must be STAGE:STEP with STAGE in {'/'.join(LABELS)} "
                          f"and STEP >= 1, got {text!r}")
@@ -100,6 +99,12 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"U={obj.get('U', nan):.4f} (L_SFT={obj.get('L_SFT', nan):.4f}, "
           f"L_RLHF={obj.get('L_RLHF', nan):.4f}, Omega={obj.get('Omega', nan):.4f}), "
           f"{summary['timings_s']['total']:.1f}s")
+    fn = summary.get("functional")
+    if fn:
+        m1, m2 = fn["stages"]["M1"], fn["stages"]["M2"]
+        print(f"held-out {fn['problems']} problems, {fn['n']} samples at T={fn['temperature']} "
+              f"({fn['isolation']}): pass@1 M1 {m1.get('pass@1', nan):.3f} -> M2 {m2.get('pass@1', nan):.3f}, "
+              f"empty {m1['empty_rate']:.2f} -> {m2['empty_rate']:.2f}")
     return 0
 
 

@@ -37,7 +37,6 @@ from typing import Any
 
 from codex_jax.errors import CodexError
 
-STAGES = ("M0", "M1", "RM", "M2")  # codex_jax.run.pipeline.STAGES (not imported: it pulls in JAX)
 DEFAULT_RUNS = 2
 SHORT = 16  # hex digits shown of a fingerprint or hash
 
@@ -57,9 +56,12 @@ def short(value: Any) -> str:
 
 
 def _stage_names(manifests: list[dict]) -> list[str]:
-    """The pipeline's stages in order, then any other stage a manifest has."""
-    seen = {name for m in manifests for name in (m.get("stages") or {})}
-    return [s for s in STAGES if s in seen] + sorted(seen - set(STAGES))
+    """Every stage any manifest has, in the order the runs recorded them (the stage
+    table's order; manifests keep it), first appearance first."""
+    names: dict[str, None] = {}
+    for m in manifests:
+        names.update(dict.fromkeys(m.get("stages") or {}))
+    return list(names)
 
 
 def fingerprint(manifest: dict | None, stage: str) -> str | None:

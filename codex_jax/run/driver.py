@@ -21,10 +21,12 @@ from codex_jax.data.encode import EncodedData, encode_dataset
 from codex_jax.data.records import Dataset
 from codex_jax.data.tokenizer import Tokenizer
 from codex_jax.errors import DataError
+from codex_jax.execute.sandbox import Executor
 from codex_jax.models.registry import family_for
 from codex_jax.run import train as host_loop
 from codex_jax.run.checkpoint import StageCheckpointer
 from codex_jax.run.execution import ExecutionReward
+from codex_jax.run.functional import functional_eval
 from codex_jax.run.guards import make_guard
 from codex_jax.run.tasks import task_problems
 from codex_jax.stages.context import StageContext
@@ -177,12 +179,37 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
         if ctx.host_reward is not None:
             metrics["M2"]["execution_reward"] = {"calls": ctx.host_reward.calls, "programs": ctx.host_reward.programs,
                                                  "isolation": ctx.host_reward.isolation}
+        functional = held_out_pass_at_k(ctx, tokenizer, params, keys["data"]) if cfg.tasks.enabled else None
     finally:
         close_context(ctx)
     exact = ctx.family.exact_objective is not None
     return {"params": params, "metrics": metrics, "timings": timings, "seed_use": seed_use(ctx),
+            "functional": functional,
             "keys": {k: key_data(v) for k, v in keys.items()}, "objective": objective(cfg, metrics, exact),
             "samples": samples(ctx, tokenizer, params, keys["data"], pipeline_stages(cfg)[-1].config(cfg))}
+
+
+def held_out_pass_at_k(ctx: StageContext, tokenizer, params: dict, key: jax.Array) -> dict:
+    """pass@k and empty-completion rate of M1 and M2 on the task set's held-out problems
+    (the same sampling keys for both; programs run in the sandbox)."""
+    cfg = ctx.cfg
+    _, held = task_problems(cfg.tasks)
+    rl_cfg = pipeline_stages(cfg)[-1].config(cfg)
+    own = ctx.host_reward is None
+    executor = (Executor(timeout=cfg.tasks.timeout, require_sandbox=cfg.tasks.require_sandbox) if own
+                else ctx.host_reward.start())
+    try:
+        out = functional_eval(ctx.family, tokenizer, {"M1": params["M1"], "M2": params["M2"]}, held,
+                              n=cfg.tasks.eval_samples, temperature=cfg.tasks.eval_temperature,
+                              key=jax.random.fold_in(key, 11), executor=executor,
+                              max_prompt_len=cfg.data.max_prompt_len,
+                              response_len=getattr(rl_cfg, "response_len", cfg.ppo.response_len))
+        isolation = executor.isolation
+    finally:
+        if own:
+            executor.close()
+    return {"problems": f"tasks-heldout ({len(held)})", "n": out["n"], "temperature": out["temperature"],
+            "isolation": isolation, "stages": out["stages"], "difference": out["difference"]}
 
 
 def samples(ctx: StageContext, tokenizer, params: dict, key: jax.Array, rl_cfg: Any, n: int = 8) -> list:

@@ -156,6 +156,7 @@ def _summary(dataset, cfg, tokenizer, results, hashes, fingerprints, mesh, resum
         "vocab_size": tokenizer.vocab_size, "resumed": resume, "mesh": mesh,
         "algorithm": pipeline_stages(cfg)[-1].label,
         "stages": results["metrics"], "objective": results.get("objective"),
+        "functional": results.get("functional"),
         "fingerprints": fingerprints,
         "timings_s": {**results["timings"], "total": time.perf_counter() - t_start},
         "versions": environment(),
