@@ -327,15 +327,22 @@ def test_build_fake_tree(tmp_path):
     demos, prefs = data["demos.jsonl"], data["prefs.jsonl"]
     assert meta["n_files"] == len(data["corpus.jsonl"]) == 3
     assert meta["n_demos"] == len(demos) == len(EXPECTED_DEMOS) + 1
-    assert meta["n_prefs"] == len(prefs) == len(demos)
+    # One corrupted pair per demonstration, in order, then the hard negatives.
+    n_hard = sum(dd.choose_hard_negative(f"{rel}:{q}") is not None
+                 for rel in sorted(kept) for q, _ in dd._named_demos(kept[rel]))
+    assert meta["n_hard_negatives"] == n_hard
+    assert meta["n_prefs"] == len(prefs) == len(demos) + n_hard
     assert list(meta["corruption_counts"]) == list(dd.CORRUPTIONS)
-    assert sum(meta["corruption_counts"].values()) == len(prefs)
-    for d, p in zip(demos, prefs, strict=True):
+    assert sum(meta["corruption_counts"].values()) == len(demos)
+    assert list(meta["hard_negative_counts"]) == list(dd.HARD_NEGATIVES)
+    assert sum(meta["hard_negative_counts"].values()) == n_hard
+    for d, p in zip(demos, prefs[: len(demos)], strict=True):
         assert (p["prompt"], p["chosen"]) == (d["prompt"], d["completion"])
-        assert p["rejected"] != p["chosen"]
+    assert all(p["rejected"] != p["chosen"] for p in prefs)
+    assert meta["builder_version"] == dd.BUILDER_VERSION >= 2
     assert set(meta) == {
         "builder_version", "python_version", "stdlib_root", "n_files", "n_demos",
-        "n_prefs", "corruption_counts", "sha256",
+        "n_prefs", "corruption_counts", "n_hard_negatives", "hard_negative_counts", "sha256",
     }
 
     # Deterministic: a second build is byte-identical; rebuilding in place works.
@@ -364,7 +371,12 @@ def test_build_real_stdlib_sample(tmp_path):
     data = _read(tmp_path / "out")
     prefs = data["prefs.jsonl"]
     assert meta["n_files"] == 40 and data["demos.jsonl"] and prefs
-    assert meta["n_prefs"] == len(prefs) == meta["n_demos"] == len(data["demos.jsonl"])
+    assert meta["n_demos"] == len(data["demos.jsonl"])
+    assert meta["n_prefs"] == len(prefs) == meta["n_demos"] + meta["n_hard_negatives"]
+    # About half of the demonstrations get a hard negative; none holds an unsafe call.
+    assert 0.4 < meta["n_hard_negatives"] / meta["n_demos"] < 0.6
+    assert sum(meta["hard_negative_counts"].values()) == meta["n_hard_negatives"]
+    assert all(p["rejected"] != p["chosen"] for p in prefs)
 
     # Exactly the pairs an unsafe rule produced gain an unsafe call.
     def gained(p):

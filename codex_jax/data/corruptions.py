@@ -20,6 +20,27 @@ A rule that cannot change a body falls back to the next rule in this order
 (cyclically); the order sends most fallbacks to the safe rules, and the four
 insertion rules always apply, so every result differs.
 ``UNSAFE_CORRUPTIONS`` are the rules that add an unsafe call (``UNSAFE_CALLS``).
+
+Hard negatives (``HARD_NEGATIVES``, :func:`hard_negative`): a second rejected body
+that is empty-ish or cut short rather than garbled, so a reward model learns to rank
+a real body above doing nothing; without them an RLHF policy learns that an
+immediate EOS (which parses: the prompt's docstring is a valid body) out-scores its
+own imperfect code.  The records format forbids a whitespace-only completion, so
+"empty" is a one-statement stub at the body's indentation ``<i>`` (that of its
+first code line, as for the inserted lines above):
+* ``pass_body``: ``<i>pass``.
+* ``ellipsis_body``: ``<i>...``.
+* ``return_none``: ``<i>return None``.
+* ``truncated_first_line``: only the body's first non-blank line (a comment line
+  stays a comment: the result is then empty-ish too); applies to bodies with more
+  than one non-blank line.
+Each ends with a newline.  A rule whose result would equal the body (up to trailing
+whitespace), or that does not apply, falls back to the next rule in this order
+(cyclically); the three stubs are distinct, so every result differs from the body.
+``choose_hard_negative(key)`` gives a hard negative to a deterministic half of the
+keys (``HARD_NEGATIVE_FRACTION``): sha256 of ``"hard_negative:" + key`` modulo
+``2 * len(HARD_NEGATIVES)`` picks a rule, or none when it is ``>= len(HARD_NEGATIVES)``.
+The prefix keeps the choice independent of ``choose_rule``'s for the same key.
 """
 
 from __future__ import annotations
@@ -43,6 +64,12 @@ UNSAFE_CALLS: dict[str, str] = {
     "unsafe_rmtree": "shutil.rmtree(", "unsafe_subprocess": "subprocess.run(",
 }
 UNSAFE_CORRUPTIONS: frozenset[str] = frozenset(UNSAFE_CALLS)
+HARD_NEGATIVES: tuple[str, ...] = ("pass_body", "ellipsis_body", "return_none", "truncated_first_line")
+# Half the demonstrations get one: ~1/3 of all pairs, enough for the RM to see an
+# empty-ish body in about every third batch row while the garbled pairs, which carry
+# the safety signal, stay the majority (and the data grows by half, not double).
+HARD_NEGATIVE_FRACTION = 0.5
+_HARD_SLOTS = round(len(HARD_NEGATIVES) / HARD_NEGATIVE_FRACTION)
 _INDENT = re.compile(r"[ \t\f]*")
 _SWAPS = {
     "==": "!=", "!=": "==", "<": ">", ">": "<", "<=": ">=", ">=": "<=",
@@ -60,10 +87,20 @@ def parse_quietly(source: str) -> ast.Module | None:
             return None
 
 
+def _hash_int(text: str) -> int:
+    """The first 8 bytes of sha256(text), big-endian: a choice with no RNG state."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
 def choose_rule(key: str) -> str:
     """The corruption rule for ``key``: sha256(key) indexes ``CORRUPTIONS``."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return CORRUPTIONS[int.from_bytes(digest[:8], "big") % len(CORRUPTIONS)]
+    return CORRUPTIONS[_hash_int(key) % len(CORRUPTIONS)]
+
+
+def choose_hard_negative(key: str) -> str | None:
+    """The hard-negative rule for ``key``, or None (no hard negative): see the module docstring."""
+    slot = _hash_int("hard_negative:" + key) % _HARD_SLOTS
+    return HARD_NEGATIVES[slot] if slot < len(HARD_NEGATIVES) else None
 
 
 class _Body:
@@ -254,3 +291,37 @@ def corrupt_with_fallback(prompt: str, body: str, rule: str) -> tuple[str, str]:
 def corrupt(prompt: str, body: str, rule: str) -> str:
     """Apply one corruption rule to a function body (see the module docstring)."""
     return corrupt_with_fallback(prompt, body, rule)[1]
+
+
+def _first_line_only(b: _Body) -> str | None:
+    nonblank = [i for i, x in enumerate(b.lines) if x.strip()]
+    return b.lines[nonblank[0]] + "\n" if len(nonblank) > 1 else None
+
+
+_HARD_RULES = {
+    "pass_body": lambda b: b.indent + "pass\n",
+    "ellipsis_body": lambda b: b.indent + "...\n",
+    "return_none": lambda b: b.indent + "return None\n",
+    "truncated_first_line": _first_line_only,
+}
+
+
+def hard_negative_with_fallback(prompt: str, body: str, rule: str) -> tuple[str, str]:
+    """(rule actually applied, hard-negative body) with the fallback of ``hard_negative``."""
+    if rule not in _HARD_RULES:
+        raise ConfigError(f"hard negative rule: unknown {rule!r}; expected one of {HARD_NEGATIVES}")
+    if not body.strip():
+        raise DataError("hard_negative: body is empty")
+    b = _Body(prompt, body)
+    start = HARD_NEGATIVES.index(rule)
+    for k in range(len(HARD_NEGATIVES)):
+        name = HARD_NEGATIVES[(start + k) % len(HARD_NEGATIVES)]
+        out = _HARD_RULES[name](b)
+        if out is not None and out.rstrip() != body.rstrip():
+            return name, out
+    raise DataError("hard_negative: no rule differs from the body")  # unreachable: 3 distinct stubs
+
+
+def hard_negative(prompt: str, body: str, rule: str) -> str:
+    """An empty-ish or truncated rejected body for ``body`` (see the module docstring)."""
+    return hard_negative_with_fallback(prompt, body, rule)[1]

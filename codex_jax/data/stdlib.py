@@ -5,11 +5,17 @@ Three JSON Lines files (UTF-8, one object per line) are written:
 * ``corpus.jsonl`` ``{"text"}``: one record per stdlib source file.
 * ``demos.jsonl`` ``{"prompt", "completion"}``: signature + docstring -> body.
 * ``prefs.jsonl`` ``{"prompt", "chosen", "rejected"}``: the real body is
-  preferred over a corrupted copy of it.
+  preferred over a corrupted copy of it (one pair per demonstration, in
+  ``demos.jsonl`` order), then over a hard negative -- an empty-ish stub or the
+  body's first line alone -- for about half of the demonstrations (again in
+  demonstration order, after all the corrupted pairs, so ``prefs[i]`` belongs to
+  ``demos[i]`` for ``i < n_demos``).
 
-Everything is deterministic: files are taken in sorted relative-path order and
-the corruption rule of a pair is ``corruptions.choose_rule(f"{relative_path}:{qualname}")``
-(a sha256 hash, no RNG); the rules are documented in ``data.corruptions``.
+Everything is deterministic: files are taken in sorted relative-path order, and
+for the key ``f"{relative_path}:{qualname}"`` the corruption rule of a pair is
+``corruptions.choose_rule(key)`` and the hard-negative rule (or none)
+``corruptions.choose_hard_negative(key)`` (sha256 hashes, no RNG); the rules are
+documented in ``data.corruptions``.  ``meta.json`` counts the pairs of each rule.
 """
 
 from __future__ import annotations
@@ -28,18 +34,24 @@ import tempfile
 
 from codex_jax.data.corruptions import (  # noqa: F401 - the rules belong to this data set's API
     CORRUPTIONS,
+    HARD_NEGATIVE_FRACTION,
+    HARD_NEGATIVES,
     UNSAFE_CALLS,
     UNSAFE_CORRUPTIONS,
+    choose_hard_negative,
     choose_rule,
     corrupt,
     corrupt_with_fallback,
+    hard_negative,
+    hard_negative_with_fallback,
     parse_quietly,
 )
 from codex_jax.errors import ConfigError, DataError
 
 DEFAULT_FILES = ("corpus.jsonl", "demos.jsonl", "prefs.jsonl")
 # Bump when the output for the same stdlib changes; it is part of the cache key.
-BUILDER_VERSION = 1
+# 2: hard-negative pairs (``corruptions.HARD_NEGATIVES``) after the corrupted ones.
+BUILDER_VERSION = 2
 MAX_BODY_LINES = 60
 MAX_PROMPT_CHARS = 2000
 
@@ -182,15 +194,16 @@ def _publish(tmp: pathlib.Path, out: pathlib.Path, *, replace: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # lost the race: keep the existing one
 
 
-def _build(out_dir, root, max_files, *, replace: bool) -> dict:
+def _build(out_dir, root, max_files, *, replace: bool, hard_negatives: bool = True) -> dict:
     root = pathlib.Path(root) if root is not None else stdlib_root()
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
     if max_files is not None and max_files < 0:
         raise ConfigError(f"max_files: must be >= 0, got {max_files}")
-    corpus, demos, prefs = [], [], []
+    corpus, demos, prefs, hard = [], [], [], []
     counts = dict.fromkeys(CORRUPTIONS, 0)
+    hard_counts = dict.fromkeys(HARD_NEGATIVES, 0)
     for rel, text in _iter_sources(root):
         if max_files is not None and len(corpus) >= max_files:
             break
@@ -198,17 +211,25 @@ def _build(out_dir, root, max_files, *, replace: bool) -> dict:
             continue
         corpus.append({"text": text})
         for qualname, demo in _named_demos(text):
-            rule = choose_rule(f"{rel}:{qualname}")
-            applied, rejected = corrupt_with_fallback(demo["prompt"], demo["completion"], rule)
+            key = f"{rel}:{qualname}"
+            applied, rejected = corrupt_with_fallback(demo["prompt"], demo["completion"], choose_rule(key))
             counts[applied] += 1
             demos.append(demo)
             prefs.append({"prompt": demo["prompt"], "chosen": demo["completion"],
                           "rejected": rejected})
+            hard_rule = choose_hard_negative(key) if hard_negatives else None
+            if hard_rule is not None:
+                applied, rejected = hard_negative_with_fallback(demo["prompt"], demo["completion"], hard_rule)
+                hard_counts[applied] += 1
+                hard.append({"prompt": demo["prompt"], "chosen": demo["completion"],
+                             "rejected": rejected})
+    prefs += hard
     blobs = dict(zip(DEFAULT_FILES, map(_jsonl, (corpus, demos, prefs)), strict=True))
     meta = {
         "builder_version": BUILDER_VERSION, "python_version": platform.python_version(),
         "stdlib_root": str(root), "n_files": len(corpus), "n_demos": len(demos),
         "n_prefs": len(prefs), "corruption_counts": counts,
+        "n_hard_negatives": len(hard), "hard_negative_counts": hard_counts,
         "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,12 +245,15 @@ def _build(out_dir, root, max_files, *, replace: bool) -> dict:
     return meta
 
 
-def build_default_data(out_dir, *, root=None, max_files: int | None = None) -> dict:
+def build_default_data(out_dir, *, root=None, max_files: int | None = None,
+                       hard_negatives: bool = True) -> dict:
     """Write the three files and ``meta.json`` to out_dir atomically; return meta.
 
     ``max_files`` caps the number of (non-empty) source files used.
+    ``hard_negatives=False`` leaves out the hard-negative pairs, for ablations: the
+    three data files are then byte-identical to builder version 1's (meta.json is not).
     """
-    return _build(out_dir, root, max_files, replace=True)
+    return _build(out_dir, root, max_files, replace=True, hard_negatives=hard_negatives)
 
 
 def _cache_key(root: pathlib.Path) -> str:
