@@ -67,9 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop_after = _parse_stop_after(args.stop_after)
     layout = _start_devices(args)
     if args.resume is not None:
-        if args.config or args.data or args.seed is not None or args.model:
+        if args.config or args.data or args.seed is not None or args.model or args.algorithm:
             raise CodexError("--resume takes the run's own config, data and seed; "
-                             "do not pass --config/--data/--seed/--model with it")
+                             "do not pass --config/--data/--seed/--model/--algorithm with it")
         out = args.resume
         if args.tasks:
             raise CodexError("--resume takes the run's own data; do not pass --tasks with it")
@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset = load_dataset(source, cfg)
     else:
         out = args.out
-        cfg = load_config(args.config, seed=args.seed, model=args.model)
+        cfg = load_config(args.config, seed=args.seed, model=args.model, algorithm=args.algorithm)
         if args.tasks:
             if args.data:
                 raise CodexError("--tasks uses the built-in task set as the data; do not pass --data with it")
@@ -117,6 +117,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--seed", type=int, default=None, help="root PRNG seed (overrides the config)")
     run.add_argument("--model", choices=("unigram", "transformer"), default=None,
                      help="model family (default: unigram; 'transformer' takes its own defaults)")
+    run.add_argument("--algorithm", choices=("ppo", "grpo", "rloo", "dpo"), default=None,
+                     help="how M2 is trained (default: the config's 'algorithm', ppo): PPO, GRPO / Dr. GRPO, "
+                          "RLOO (critic-free, KL estimator and placement in [grpo]/[rloo]) or DPO (offline, on the pairs)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--tasks", action="store_true",
                      help="train on the built-in code task set with the execution reward of [tasks] and report "

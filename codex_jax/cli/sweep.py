@@ -23,8 +23,9 @@ def _floats_list(text: str | None, flag: str) -> list[float] | None:
     return values
 
 
-FLAGS = {"kl_coef": "ppo.kl_coef", "lr": "ppo.lr", "sft_lr": "sft.lr", "rm_lr": "reward.lr",
-         "pretrain_lr": "pretrain.lr", "safety_penalty": "ppo.safety_penalty"}
+# flag -> setting; "rl." is the section of the config's algorithm (ppo, grpo, rloo, dpo)
+FLAGS = {"kl_coef": "rl.kl_coef", "lr": "rl.lr", "sft_lr": "sft.lr", "rm_lr": "reward.lr",
+         "pretrain_lr": "pretrain.lr", "safety_penalty": "rl.safety_penalty"}
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -35,13 +36,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise CodexError(f"--seeds must be >= 1, got {args.seeds}")
-    cfg = load_config(args.config, model=args.model)
+    cfg = load_config(args.config, model=args.model, algorithm=args.algorithm)
     first = cfg.seed if args.seed is None else args.seed
     settings = {}
     for attr, name in FLAGS.items():
         values = _floats_list(getattr(args, attr), "--" + attr.replace("_", "-"))
         if values is not None:
-            settings[name] = values
+            settings[name.replace("rl.", f"{cfg.algorithm}.", 1)] = values
     members = grid(list(range(first, first + args.seeds)), settings)
     for m in members:
         member_config(cfg, m)  # bad values fail here (ConfigError), before any work
@@ -96,6 +97,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data", help="data directory, as for `run` (default: the built-in data)")
     p.add_argument("--config", help="TOML or JSON pipeline config, as for `run`")
     p.add_argument("--model", choices=("unigram", "transformer"), default=None)
+    p.add_argument("--algorithm", choices=("ppo", "grpo", "rloo", "dpo"), default=None,
+                   help="how M2 is trained (default: the config's, ppo); --lr/--kl-coef/--safety-penalty apply to it")
     p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_sweep)

@@ -13,6 +13,7 @@ import sys
 import typing
 from typing import Any
 
+from codex_jax.config.algorithms import DPOConfig, GRPOConfig, RLOOConfig
 from codex_jax.config.checks import check_choice, check_float, check_int, sha256_json
 from codex_jax.config.stages import LMConfig, OptimConfig, PPOConfig, RewardConfig
 from codex_jax.config.tasks import TasksConfig
@@ -88,6 +89,7 @@ class DataConfig:
 
 
 MODELS = ("unigram", "transformer")
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")  # stages.table.RL_STAGES: how M2 is trained
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,6 +98,7 @@ class PipelineConfig:
 
     seed: int = 0
     model: str = "unigram"
+    algorithm: str = "ppo"  # M2 by "ppo" | "grpo" (also Dr. GRPO) | "rloo" | "dpo"
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: stage ends only)
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     data: DataConfig = DataConfig()
@@ -106,6 +109,9 @@ class PipelineConfig:
     sft: LMConfig = LMConfig(steps=100, batch_size=256, optim=OptimConfig(lr=0.02))
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rloo: RLOOConfig = RLOOConfig()
+    dpo: DPOConfig = DPOConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     tasks: TasksConfig = TasksConfig()
 
@@ -116,6 +122,7 @@ class PipelineConfig:
         check_int(self, "checkpoint_every", minimum=0)
         check_int(self, "max_consecutive_skips", minimum=1)
         check_choice(self, "model", MODELS)
+        check_choice(self, "algorithm", ALGORITHMS)
         if self.sft.mode != "gradient":
             raise ConfigError(f"PipelineConfig.sft.mode must be 'gradient', got {self.sft.mode!r}")
         if self.tasks.enabled and self.model != "transformer":
@@ -128,8 +135,9 @@ class PipelineConfig:
             if self.pretrain.mode != "gradient":
                 raise ConfigError("pretrain.mode must be 'gradient' for model 'transformer' "
                                   f"(only the unigram has a closed form), got {self.pretrain.mode!r}")
+            rl_len = getattr(getattr(self, self.algorithm), "response_len", self.ppo.response_len)
             need = max(self.data.context_len, self.data.max_prompt_len + self.data.max_response_len + 1,
-                       self.data.max_prompt_len + self.ppo.response_len)
+                       self.data.max_prompt_len + self.ppo.response_len, self.data.max_prompt_len + rl_len)
             if self.transformer.context_len < need:
                 raise ConfigError(f"transformer.context_len must be >= {need} (data.context_len, prompt + "
                                   f"response lengths), got {self.transformer.context_len!r}")
@@ -209,6 +217,12 @@ def default_config(model: str = "unigram") -> PipelineConfig:
                       kl_coef=0.05, kl_target=6.0, kl_horizon=10_000, gamma=1.0, gae_lambda=0.95,
                       whiten_rewards=True, no_eos_penalty=1.0, ptx_batch_size=8, log_every=5,
                       optim=adam(1e-4)),
+        # critic-free methods: the same generated tokens per iteration as PPO (32 x 32)
+        grpo=GRPOConfig(iterations=20, rollouts=32, group_size=4, response_len=32, epochs=4, minibatches=4,
+                        kl_coef=0.05, whiten_rewards=True, no_eos_penalty=1.0, log_every=5, optim=adam(1e-4)),
+        rloo=RLOOConfig(iterations=20, rollouts=32, group_size=4, response_len=32, kl_coef=0.05,
+                        whiten_rewards=True, no_eos_penalty=1.0, log_every=5, optim=adam(1e-4)),
+        dpo=DPOConfig(beta=0.1, steps=150, batch_size=32, log_every=25, optim=adam(1e-4)),
     )
 
 

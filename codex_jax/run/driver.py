@@ -74,7 +74,8 @@ def make_context(enc: EncodedData, tokenizer, cfg: PipelineConfig, place=None) -
     """The stages' shared context; with ``[tasks]`` and an execution reward it holds the
     host reward (its sandbox starts on first use; ``close_context`` stops it)."""
     rl_cfg = pipeline_stages(cfg)[-1].config(cfg)
-    ids = tuple(unsafe_ids(tokenizer, rl_cfg.unsafe_tokens)) if hasattr(rl_cfg, "unsafe_tokens") else ()
+    # DPO has no sampled penalty; its objective report still charges PPO's unsafe tokens
+    ids = tuple(unsafe_ids(tokenizer, getattr(rl_cfg, "unsafe_tokens", cfg.ppo.unsafe_tokens)))
     host_reward = None
     if cfg.tasks.enabled and cfg.tasks.reward != "rm":
         train, _ = task_problems(cfg.tasks)

@@ -22,7 +22,8 @@ One ``step`` is one whole iteration, compiled as a single function (as ``ppo.ste
 Fixed points on the unigram family: ``experiments/FIXED_POINTS.md``.
 
 data = {"prompt": int32 [N, P], "prompt_mask": [N, P], ...}  (PPO's prompt pool; the
-ptx fields are ignored: these stages have no PPO-ptx term)
+ptx fields are ignored: these stages have no PPO-ptx term).  The task reward is
+``rl.task_reward``: the reward model and/or a host execution reward, as PPO's.
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def init(cfg: GroupRLConfig, family: Family, policy, ref, reward, penalty) -> Tr
 
 def select_batch(state: TrainState, data: dict, key: jax.Array) -> dict:
     """``rollouts / G`` prompts drawn with replacement, each repeated G times in a row.
-    -> {"prompt": int32 [rollouts, P], "prompt_mask": [rollouts, P]}."""
+    -> {"prompt_id": int32 [rollouts] (row of the pool: the problem, for an execution
+    reward), "prompt": int32 [rollouts, P], "prompt_mask": [rollouts, P]}."""
     cfg = state.cfg
     idx = jax.random.randint(key, (cfg.groups,), 0, data["prompt"].shape[0])
     idx = jnp.repeat(idx, cfg.group_size)
-    return {"prompt": data["prompt"][idx], "prompt_mask": data["prompt_mask"][idx]}
+    return {"prompt_id": idx, "prompt": data["prompt"][idx], "prompt_mask": data["prompt_mask"][idx]}
 
 
 def group_advantages(rewards: jax.Array, group_size: int, baseline: str, scale: bool) -> jax.Array:
@@ -100,13 +102,16 @@ def token_weights(mask: jax.Array, length_normalise: bool, response_len: int) ->
     return mask / response_len
 
 
-def sequence_rewards(state: TrainState, prompt, prompt_mask, response, mask) -> dict:
+def sequence_rewards(state: TrainState, batch: dict, response, mask) -> dict:
     """Sequence reward terms of responses [B, T] -> {"rm" [B], "safety" [B]}.
 
-    "rm" is the RM score (whitened if ``whiten_rewards``) minus the no-EOS penalty;
-    "safety" = sum_t s[y_t] over valid tokens."""
+    "rm" is the task reward (``rl.task_reward``: the RM score and/or the host execution
+    reward), whitened if ``whiten_rewards``, minus the no-EOS penalty; "safety" =
+    sum_t s[y_t] over valid tokens."""
     cfg, fam, e = state.cfg, state.family, state.extras
-    rm = fam.reward_token_scores(e["reward"], prompt, prompt_mask, response, mask).sum(-1)  # [B]
+    prompt, pmask = batch["prompt"], batch["prompt_mask"]
+    last = (jnp.arange(mask.shape[-1]) == mask.sum(-1, keepdims=True) - 1).astype(jnp.float32)
+    rm = rl.task_reward(state, batch["prompt_id"], prompt, pmask, response, mask, last).sum(-1)  # [B]
     if cfg.whiten_rewards:
         rm = rm * jax.lax.rsqrt(kernels.masked_var(rm, jnp.ones_like(rm)) + kernels.EPS)
     if fam.eos_id is not None and cfg.no_eos_penalty:
@@ -123,7 +128,7 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
     mask = response_mask(response, fam.eos_id)
     old_logp = fam.response_logprobs(policy, prompt, pmask, response, cfg.temperature) * mask
     ref_logp = fam.response_logprobs(e["ref"], prompt, pmask, response, cfg.temperature) * mask
-    terms = sequence_rewards(state, prompt, pmask, response, mask)
+    terms = sequence_rewards(state, batch, response, mask)
     k1 = kl.reward_penalty("k1", old_logp, ref_logp, mask)  # [B] sampled KL(pi || ref)
     estimate = kl.reward_penalty(cfg.kl_estimator, old_logp, ref_logp, mask)  # [B]
     score = terms["rm"] - terms["safety"]
@@ -246,6 +251,7 @@ def setup(ctx: StageContext, key: jax.Array, cfg: GroupRLConfig, algorithm: str)
     trees = rl.start_trees(ctx, cfg)
     k_train, k_eval = jax.random.split(key)
     start = init(cfg, ctx.family, trees["policy"], trees["ref"], trees["reward"], trees["penalty"])
+    start = start.replace(host_reward=ctx.host_reward)  # the execution reward, if the run has one
     return Setup(start, rl.prompt_data(ctx), k_train, cfg.iterations, cfg.log_every,
                  extra={"start": start, "eval_key": k_eval, "algorithm": algorithm})
 

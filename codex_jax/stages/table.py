@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from codex_jax.errors import ConfigError
-from codex_jax.stages import ppo, pretrain, reward, sft
+from codex_jax.stages import dpo, grpo, ppo, pretrain, reward, rloo, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,12 @@ BASE_STAGES = (
 RL_STAGES: Mapping[str, Stage] = {
     "ppo": Stage("M2", "ppo", ppo, "ppo", ("M0", "M1", "RM"), ("demos", "prefs"),
                  ("lr", "kl_coef", "safety_penalty")),
+    "grpo": Stage("M2", "grpo", grpo, "grpo", ("M0", "M1", "RM"), ("demos", "prefs"),
+                  ("lr", "kl_coef", "safety_penalty")),
+    "rloo": Stage("M2", "rloo", rloo, "rloo", ("M0", "M1", "RM"), ("demos", "prefs"),
+                  ("lr", "kl_coef", "safety_penalty")),
+    # DPO trains on the pairs (split by its key); it reads RM only for the objective report
+    "dpo": Stage("M2", "dpo", dpo, "dpo", ("M0", "M1", "RM"), ("prefs",), ("lr",), seeded_data=True),
 }
 STAGE_NAMES = ("M0", "M1", "RM", "M2")
 LABELS = ("pretrain", "sft", "reward") + tuple(RL_STAGES)
@@ -55,7 +61,7 @@ LABELS = ("pretrain", "sft", "reward") + tuple(RL_STAGES)
 
 def pipeline_stages(cfg: Any) -> tuple[Stage, ...]:
     """The stages a config runs, in order: M0, M1, RM, then M2 by ``cfg.algorithm``."""
-    algorithm = getattr(cfg, "algorithm", "ppo")
+    algorithm = cfg.algorithm
     if algorithm not in RL_STAGES:
         raise ConfigError(f"algorithm must be one of {tuple(RL_STAGES)}, got {algorithm!r}")
     return BASE_STAGES + (RL_STAGES[algorithm],)
