@@ -340,8 +340,17 @@ OPTIM = {"name": (CHOICE, ("adam", "adamw", "sgd")), "lr": (FLOAT, 0.0, INF, Tru
          "grad_clip": (FLOAT, 0.0, INF, False)}
 LM = {"mode": (CHOICE, ("exact", "gradient")), "steps": (INT, 1), "batch_size": (INT, 1),
       "smoothing": (FLOAT, 0.0, INF, False), "log_every": (INT, 1)}
+GROUP_RL = {**{k: (INT, 1) for k in ("iterations", "rollouts", "response_len", "epochs", "minibatches",
+                                      "kl_horizon", "log_every")},
+            "group_size": (INT, 2), "kl_coef": (FLOAT, 0.0, INF, False), "kl_target": (FLOAT, 0.0, INF, True),
+            "kl_estimator": (CHOICE, ("k1", "k2", "k3")), "kl_placement": (CHOICE, ("reward", "loss")),
+            "reference": (CHOICE, ("pretrain", "sft")), "whiten_rewards": (BOOL,),
+            "no_eos_penalty": (FLOAT, 0.0, INF, False), "temperature": (FLOAT, 0.0, INF, True),
+            "safety_penalty": (FLOAT, 0.0, INF, False), "max_kl": (FLOAT, 0.0, INF, True),
+            "kl_guard": (CHOICE, ("stop", "skip")), "unsafe_tokens": (TOKENS,), "clip": (FLOAT, 0.0, INF, True)}
 SECTIONS = {
     "": {"seed": (INT, 0), "model": (CHOICE, ("unigram", "transformer")), "checkpoint_every": (INT, 0),
+         "algorithm": (CHOICE, ("ppo", "grpo", "rloo", "dpo")),
          "max_consecutive_skips": (INT, 1)},
     "data": {"context_len": (INT, 2), "max_prompt_len": (INT, 2), "max_response_len": (INT, 2),
              "heldout_fraction": (FLOAT, 0.0, 0.5, False)},
@@ -373,9 +382,15 @@ SECTIONS = {
               "execution_mode": (CHOICE, ("fraction", "pass")), "execution_coef": (FLOAT, 0.0, INF, False),
               "timeout": (FLOAT, 0.0, INF, True), "require_sandbox": (BOOL,), "eval_samples": (INT, 1),
               "eval_temperature": (FLOAT, 0.0, INF, True)},
-    **{f"{s}.optim": OPTIM for s in ("pretrain", "sft", "reward", "ppo")},
+    "grpo": {**GROUP_RL, "scale_rewards": (BOOL,), "length_normalise": (BOOL,)},
+    "rloo": GROUP_RL,
+    "dpo": {"beta": (FLOAT, 0.0, INF, True), "loss": (CHOICE, ("sigmoid", "ipo")), "l2": (FLOAT, 0.0, INF, False),
+            "reference": (CHOICE, ("pretrain", "sft")), "steps": (INT, 1), "batch_size": (INT, 1),
+            "heldout_fraction": (FLOAT, 0.0, 0.5, False), "log_every": (INT, 1)},
+    **{f"{s}.optim": OPTIM for s in ("pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo")},
 }
-OPTIONAL = {("ppo", "kl_target"), ("ppo", "max_kl")}  # None is valid there
+OPTIONAL = {("ppo", "kl_target"), ("ppo", "max_kl"), ("grpo", "kl_target"), ("grpo", "max_kl"),
+            ("rloo", "kl_target"), ("rloo", "max_kl"), ("rloo", "clip")}  # None is valid there
 
 def test_sections_cover_every_config_field():
     """The property tests below give every leaf field of PipelineConfig a bad value."""

@@ -13,12 +13,15 @@ from conftest import TINY_CONFIG, to_toml, write_config
 
 from codex_jax.config import (
     DataConfig,
+    DPOConfig,
+    GRPOConfig,
     LMConfig,
     ObjectiveConfig,
     OptimConfig,
     PipelineConfig,
     PPOConfig,
     RewardConfig,
+    RLOOConfig,
     TasksConfig,
     TransformerConfig,
     from_dict,
@@ -51,6 +54,10 @@ INT_FIELDS = [
     (TransformerConfig, "context_len", 2), (TransformerConfig, "top_k", 0),
     (BPEConfig, "vocab_size", 260), (BPEConfig, "min_frequency", 1),
     (TasksConfig, "problems_per_family", 2), (TasksConfig, "seed", 0), (TasksConfig, "eval_samples", 1),
+    *[(cls, f, 1) for cls in (GRPOConfig, RLOOConfig)
+      for f in ("iterations", "response_len", "epochs", "minibatches", "kl_horizon", "log_every")],
+    (GRPOConfig, "group_size", 2), (RLOOConfig, "group_size", 2),
+    (DPOConfig, "steps", 1), (DPOConfig, "batch_size", 1), (DPOConfig, "log_every", 1),
 ]
 
 # (class, field, low, high, low_open)
@@ -80,6 +87,11 @@ FLOAT_FIELDS = [
     (TransformerConfig, "top_p", 0.0, 1.0, True),
     (TasksConfig, "heldout_fraction", 0.0, 1.0, True), (TasksConfig, "execution_coef", 0.0, INF, False),
     (TasksConfig, "timeout", 0.0, INF, True), (TasksConfig, "eval_temperature", 0.0, INF, True),
+    *[(cls, f, 0.0, INF, lo) for cls in (GRPOConfig, RLOOConfig)
+      for f, lo in (("kl_coef", False), ("kl_target", True), ("max_kl", True), ("no_eos_penalty", False),
+                    ("temperature", True), ("safety_penalty", False), ("clip", True))],
+    (DPOConfig, "beta", 0.0, INF, True), (DPOConfig, "l2", 0.0, INF, False),
+    (DPOConfig, "heldout_fraction", 0.0, 0.5, False),
 ]
 
 CHOICE_FIELDS = [
@@ -94,14 +106,24 @@ CHOICE_FIELDS = [
     (TransformerConfig, "dtype", ("float32", "bfloat16")),
     (TasksConfig, "reward", ("rm", "execution", "mixed")),
     (TasksConfig, "execution_mode", ("fraction", "pass")),
+    (PipelineConfig, "algorithm", ("ppo", "grpo", "rloo", "dpo")),
+    *[(cls, f, c) for cls in (GRPOConfig, RLOOConfig)
+      for f, c in (("kl_estimator", ("k1", "k2", "k3")), ("kl_placement", ("reward", "loss")),
+                   ("reference", ("pretrain", "sft")), ("kl_guard", ("stop", "skip")))],
+    (DPOConfig, "loss", ("sigmoid", "ipo")), (DPOConfig, "reference", ("pretrain", "sft")),
 ]
 
 BOOL_FIELDS = [(PPOConfig, "whiten_advantages"), (PPOConfig, "whiten_rewards"), (TokenizerConfig, "lowercase"),
-               (TasksConfig, "enabled"), (TasksConfig, "require_sandbox")]
-OPTIONAL_FIELDS = {(PPOConfig, "kl_target"), (PPOConfig, "max_kl")}  # None switches them off
+               (TasksConfig, "enabled"), (TasksConfig, "require_sandbox"),
+               (GRPOConfig, "whiten_rewards"), (RLOOConfig, "whiten_rewards"),
+               (GRPOConfig, "scale_rewards"), (GRPOConfig, "length_normalise")]
+OPTIONAL_FIELDS = {(PPOConfig, "kl_target"), (PPOConfig, "max_kl"), (GRPOConfig, "kl_target"),
+                   (GRPOConfig, "max_kl"), (RLOOConfig, "kl_target"), (RLOOConfig, "max_kl"),
+                   (RLOOConfig, "clip")}  # None switches them off
 # Fields with their own tests below.
 SPECIAL_FIELDS = {(PPOConfig, "unsafe_tokens"), (TransformerConfig, "d_model"), (TransformerConfig, "heads"),
-                  (TasksConfig, "families")}
+                  (TasksConfig, "families"), (GRPOConfig, "unsafe_tokens"), (RLOOConfig, "unsafe_tokens"),
+                  (GRPOConfig, "rollouts"), (RLOOConfig, "rollouts")}
 
 
 def leaf_fields(cls) -> set:
@@ -129,6 +151,10 @@ def _valid_kwargs(cls, field, value) -> dict:
         return {"minibatches": 1}
     if cls is PPOConfig and field == "minibatches":
         return {"rollouts": value}
+    if cls in (GRPOConfig, RLOOConfig) and field == "group_size":
+        return {"rollouts": value, "minibatches": 1}
+    if cls in (GRPOConfig, RLOOConfig) and field == "minibatches":
+        return {"rollouts": 8 * value}
     return {}
 
 
@@ -562,3 +588,19 @@ def test_tasks_need_the_transformer_and_no_content_held_out():
         load_config(None, model="transformer", tasks={"enabled": True})
     cfg = load_config(None, model="transformer", tasks={"enabled": True}, data={"heldout_fraction": 0.0})
     assert cfg.tasks.enabled and cfg.tasks.reward == "execution"
+
+
+@pytest.mark.parametrize("cls", [GRPOConfig, RLOOConfig])
+def test_group_size_and_minibatches_must_divide_rollouts(cls):
+    for kwargs, field in (({"rollouts": 12, "group_size": 8}, "group_size"),
+                          ({"rollouts": 16, "group_size": 4, "minibatches": 3}, "minibatches")):
+        with pytest.raises(ConfigError) as err:
+            cls(**kwargs)
+        assert_names(err, cls, field, kwargs[field])
+    for bad in (0, -4, 2.0, True, "8"):
+        with pytest.raises(ConfigError) as err:
+            cls(rollouts=bad)
+        assert_names(err, cls, "rollouts", bad)
+    assert cls(rollouts=16, group_size=4, minibatches=2).groups == 4
+    with pytest.raises(ConfigError, match="unsafe_tokens"):
+        cls(unsafe_tokens=("eval", ""))

@@ -119,7 +119,8 @@ def add_parser(subparsers: Any) -> None:
                      help="model family (default: unigram; 'transformer' takes its own defaults)")
     run.add_argument("--algorithm", choices=("ppo", "grpo", "rloo", "dpo"), default=None,
                      help="how M2 is trained (default: the config's 'algorithm', ppo): PPO, GRPO / Dr. GRPO, "
-                          "RLOO (critic-free, KL estimator and placement in [grpo]/[rloo]) or DPO (offline, on the pairs)")
+                          "RLOO (critic-free, KL estimator and placement in [grpo]/[rloo]) or DPO (offline, on "
+                          "the pairs)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--tasks", action="store_true",
                      help="train on the built-in code task set with the execution reward of [tasks] and report "

@@ -6,6 +6,7 @@ The package re-exports every config so users write ``from codex_jax.config impor
 PipelineConfig``; inside the package, modules import the sub-module they need.
 """
 
+from codex_jax.config.algorithms import DPOConfig, GRPOConfig, RLOOConfig
 from codex_jax.config.checks import sha256_json
 from codex_jax.config.mesh import MESH_AXES, mesh_flags, parse_mesh
 from codex_jax.config.pipeline import (
@@ -23,7 +24,8 @@ from codex_jax.config.tasks import TasksConfig
 from codex_jax.config.tokenizers import BPEConfig, TokenizerConfig
 
 __all__ = [
-    "BPEConfig", "DEFAULT_UNSAFE_TOKENS", "DataConfig", "LMConfig", "MESH_AXES", "MODELS", "ObjectiveConfig",
-    "OptimConfig", "PPOConfig", "PipelineConfig", "RewardConfig", "TasksConfig", "TokenizerConfig", "TransformerConfig",
-    "default_config", "from_dict", "load_config", "mesh_flags", "parse_mesh", "sha256_json",
+    "BPEConfig", "DEFAULT_UNSAFE_TOKENS", "DPOConfig", "DataConfig", "GRPOConfig", "LMConfig", "MESH_AXES",
+    "MODELS", "ObjectiveConfig", "OptimConfig", "PPOConfig", "PipelineConfig", "RLOOConfig", "RewardConfig",
+    "TasksConfig", "TokenizerConfig", "TransformerConfig", "default_config", "from_dict", "load_config",
+    "mesh_flags", "parse_mesh", "sha256_json",
 ]
