@@ -365,6 +365,7 @@ SECTIONS = {
             "minibatches": (INT, 1), "clip": (FLOAT, 0.0, INF, True), "kl_coef": (FLOAT, 0.0, INF, False),
             "kl_target": (FLOAT, 0.0, INF, True), "max_kl": (FLOAT, 0.0, INF, True),
             "reference": (CHOICE, ("pretrain", "sft")), "kl_guard": (CHOICE, ("stop", "skip")),
+            "kl_estimator": (CHOICE, ("k1", "k2", "k3")), "kl_placement": (CHOICE, ("reward", "loss")),
             "gamma": (FLOAT, 0.0, 1.0, False), "gae_lambda": (FLOAT, 0.0, 1.0, False),
             "whiten_advantages": (BOOL,), "whiten_rewards": (BOOL,), "vf_coef": (FLOAT, 0.0, INF, False),
             "value_clip": (FLOAT, 0.0, INF, True), "no_eos_penalty": (FLOAT, 0.0, INF, False),

@@ -100,6 +100,7 @@ CHOICE_FIELDS = [
     (LMConfig, "mode", ("exact", "gradient")),
     (PPOConfig, "reference", ("pretrain", "sft")),
     (PPOConfig, "kl_guard", ("stop", "skip")),
+    (PPOConfig, "kl_estimator", ("k1", "k2", "k3")), (PPOConfig, "kl_placement", ("reward", "loss")),
     (TokenizerConfig, "mode", ("regex", "whitespace")),
     (PipelineConfig, "model", ("unigram",)),  # "transformer" needs its own defaults: tested below
     (TransformerConfig, "positions", ("rotary", "learned")),

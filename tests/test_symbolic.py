@@ -229,3 +229,29 @@ def test_chunked_training_is_bitwise_equal_to_one_chunk():
     one, chunked = run(12), run(5)
     chex.assert_trees_all_equal(one.params, chunked.params)
     chex.assert_trees_all_equal(one.opt_state, chunked.opt_state)
+
+
+@pytest.mark.parametrize("estimator,target", [("k2", "pi*"), ("k3", "pi_k3")])
+def test_ppo_with_the_kl_in_the_loss_lands_on_its_estimators_fixed_point(estimator, target):
+    """PPO, KL as a loss term with the gradient through log pi (un-whitened per-token
+    advantages, SGD): k2 optimises KL(pi||ref) -> pi*; k3 optimises KL(ref||pi) -> pi_k3."""
+    from test_kl import reverse_kl_optimum
+
+    vocab, beta = 8, 1.0
+    ref, rm, penalty, data = _ppo_problem(beta, vocab=vocab)
+    cfg = PPOConfig(iterations=300, rollouts=1024, response_len=8, kl_coef=beta, log_every=100, epochs=1,
+                    minibatches=1, whiten_advantages=False, kl_estimator=estimator, kl_placement="loss",
+                    optim=OptimConfig(name="sgd", lr=2.0, schedule="cosine"))
+    fam = symbolic.unigram_family(vocab)
+    state = ppo.init(cfg, fam, ref, ref, rm, penalty)
+    pi_star = symbolic.kl_regularised_optimum(ref["logits"], rm["w"], penalty, beta)
+    want = pi_star if target == "pi*" else jnp.log(jnp.asarray(
+        reverse_kl_optimum(np.asarray(ref["logits"]), np.asarray(rm["w"] - penalty), beta), jnp.float32))
+    state, records = loop.train(state, data, jax.random.PRNGKey(21), total_steps=cfg.iterations,
+                                log_every=cfg.log_every, step_fn=ppo.step, select_fn=ppo.select_batch,
+                                label="ppo", progress=False)
+    tv = float(symbolic.total_variation(state.params["policy"]["logits"], want))
+    print(f"PPO {estimator} in the loss: TV to its fixed point {tv:.4f}, to pi* "
+          f"{float(symbolic.total_variation(state.params['policy']['logits'], pi_star)):.4f}")
+    assert tv <= 0.01, tv
+    assert "exact_kl" in records[-1] and "kl_estimate" in records[-1]

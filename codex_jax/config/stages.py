@@ -97,6 +97,8 @@ class PPOConfig:
     kl_coef: float = 1.0
     kl_target: float | None = None
     kl_horizon: int = 10_000
+    kl_estimator: str = "k1"  # per-token KL estimator: k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r
+    kl_placement: str = "reward"  # "reward": penalty in the return; "loss": a term of the policy loss
     reference: str = "sft"  # "pretrain" (as in the seed design) or "sft"
     gamma: float = 0.0
     gae_lambda: float = 1.0
@@ -124,6 +126,8 @@ class PPOConfig:
         if self.kl_target is not None:
             check_float(self, "kl_target", low=0.0, low_open=True)
         check_choice(self, "reference", ("pretrain", "sft"))
+        check_choice(self, "kl_estimator", ("k1", "k2", "k3"))
+        check_choice(self, "kl_placement", ("reward", "loss"))
         check_float(self, "gamma", low=0.0, high=1.0)
         check_float(self, "gae_lambda", low=0.0, high=1.0)
         check_bool(self, "whiten_advantages")

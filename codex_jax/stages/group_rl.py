@@ -28,8 +28,6 @@ ptx fields are ignored: these stages have no PPO-ptx term).  The task reward is
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -183,16 +181,6 @@ def loss_fn(trainable: dict, state: TrainState, mb: dict) -> tuple[jax.Array, di
     return loss, {**metrics, "loss": loss}
 
 
-def exact_kl(state: TrainState, policy: Any) -> dict:
-    """{"exact_kl": response_len * KL(pi || pi_ref)} for families with a closed form, else {}."""
-    fam, e = state.family, state.extras
-    if fam.exact_objective is None:
-        return {}
-    terms = fam.exact_objective(policy, e["ref"], e["reward"], e["penalty"], jnp.zeros((fam.vocab_size,)),
-                                state.cfg.response_len, e["kl_coef"])
-    return {"exact_kl": terms["KL"]}
-
-
 def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
     """One iteration (group rollout + all update epochs) as one pure function.
 
@@ -232,7 +220,7 @@ def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, di
     metrics = {
         **roll["stats"],
         **jax.tree_util.tree_map(jnp.mean, mb_metrics),
-        **exact_kl(state, state.params["policy"]),
+        **rl.exact_kl(state, state.params["policy"]),
         "kl_coef": state.extras["kl_coef"],
         "skipped": skipped - state.skipped,
         "kl_skipped": kl_skip.astype(jnp.int32),

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from codex_jax.config import PPOConfig
 from codex_jax.core import kernels
+from codex_jax.core import kl as kl_estimators
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.sharding import shard_rows
 from codex_jax.core.state import TrainState, init_state
@@ -72,8 +73,12 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
         no_eos = 1.0 - jnp.any((response == fam.eos_id) & (mask > 0), axis=-1, keepdims=True)
         rm = rm - cfg.no_eos_penalty * no_eos * last
     safety = state.extras["penalty"][response] * mask
-    kl = old_logp - ref_logp
-    rewards = rm - safety - state.extras["kl_coef"] * kl
+    kl = old_logp - ref_logp  # k1 per token: the sampled KL(pi || ref) (guards, controller, logs)
+    estimate = kl if cfg.kl_estimator == "k1" else kl_estimators.masked_estimate(cfg.kl_estimator, old_logp,
+                                                                                 ref_logp, mask)
+    rewards = rm - safety
+    if cfg.kl_placement == "reward":  # per-token penalty inside the return (k1: Ziegler et al.)
+        rewards = rewards - state.extras["kl_coef"] * jax.lax.stop_gradient(estimate)
     values = (fam.values(state.params["value"], prompt, pmask, response) * mask if state.params["value"] is not None
               else jnp.zeros_like(rewards))  # critic-free: whitening supplies the baseline
     advantages, returns = jax.vmap(kernels.gae, in_axes=(0, 0, 0, None, None))(
@@ -84,6 +89,7 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
     return {
         "prompt": prompt, "prompt_mask": pmask, "response": response, "mask": mask,
         "old_logp": jax.lax.stop_gradient(old_logp),
+        "ref_logp": jax.lax.stop_gradient(ref_logp),
         "old_values": jax.lax.stop_gradient(values),
         "returns": jax.lax.stop_gradient(returns),
         "advantages": jax.lax.stop_gradient(advantages),
@@ -91,6 +97,7 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
             "rm_score": jnp.mean(rm.sum(-1)),
             "safety_penalty": jnp.mean(safety.sum(-1)),
             "kl": jnp.mean(kl.sum(-1)),  # sampled KL(pi || ref) per response
+            "kl_estimate": jnp.mean(estimate.sum(-1)),  # the configured estimator, per response
             "return": jnp.mean(returns[:, 0]),
             "response_len": jnp.mean(mask.sum(-1)),
         },
@@ -106,9 +113,13 @@ def loss_fn(trainable: dict, state: TrainState, mb: dict, ptx: dict) -> tuple[ja
     pg_loss, metrics = kernels.clipped_surrogate(logp, mb["old_logp"], mb["advantages"],
                                                  mb["mask"], cfg.clip)
     loss, extra = pg_loss, {}
+    if cfg.kl_placement == "loss":  # gradient through log pi: k2 -> KL(pi||ref), k3 -> KL(ref||pi)
+        kl_loss = kernels.masked_mean(kl_estimators.loss_penalty(cfg.kl_estimator, logp, mb["ref_logp"], mb["mask"]),
+                                      mb["mask"])
+        loss, extra = loss + state.extras["kl_coef"] * kl_loss, {"kl_loss": kl_loss}
     if cfg.ptx_coef > 0:  # static: at 0 the demonstration pass would only add 0 * L_SFT
         ptx_loss = _ptx_loss(fam, policy, ptx)
-        loss, extra = loss + cfg.ptx_coef * ptx_loss, {"ptx_loss": ptx_loss}
+        loss, extra = loss + cfg.ptx_coef * ptx_loss, {**extra, "ptx_loss": ptx_loss}
     if trainable["value"] is not None:
         v = fam.values(trainable["value"], mb["prompt"], mb["prompt_mask"], mb["response"])
         v_clipped = mb["old_values"] + jnp.clip(v - mb["old_values"], -cfg.value_clip, cfg.value_clip)
@@ -139,6 +150,8 @@ def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, di
     roll = rollout(state, batch, k_sample)
     ptx = {"ptx_tokens": batch["ptx_tokens"], "ptx_mask": batch["ptx_mask"]}
     fields = ("prompt", "prompt_mask", "response", "mask", "old_logp", "old_values", "returns", "advantages")
+    if cfg.kl_placement == "loss":
+        fields += ("ref_logp",)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def minibatch_update(carry, idx):
@@ -172,6 +185,7 @@ def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, di
         **roll["stats"],
         **jax.tree_util.tree_map(jnp.mean, mb_metrics),
         "kl_coef": state.extras["kl_coef"],
+        **rl.exact_kl(state, state.params["policy"]),  # closed-form families: beside the estimate
         "skipped": skipped - state.skipped,
         "kl_skipped": kl_skip.astype(jnp.int32),
     }

@@ -60,6 +60,16 @@ def task_reward(state, prompt_id, prompt, prompt_mask, response, mask, last) -> 
     return total
 
 
+def exact_kl(state, policy: Any) -> dict:
+    """{"exact_kl": response_len * KL(pi || pi_ref)} for families with a closed form, else {}."""
+    fam, e = state.family, state.extras
+    if fam.exact_objective is None:
+        return {}
+    terms = fam.exact_objective(policy, e["ref"], e["reward"], e["penalty"], jnp.zeros((fam.vocab_size,)),
+                                state.cfg.response_len, e["kl_coef"])
+    return {"exact_kl": terms["KL"]}
+
+
 @jax.jit
 def exact_terms(state, demo_counts: jax.Array) -> dict:
     """Exact objective terms of the state's policy (families with a closed form)."""
