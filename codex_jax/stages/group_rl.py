@@ -39,7 +39,6 @@ from codex_jax.core.state import TrainState, init_state
 from codex_jax.models.family import Family, response_mask
 from codex_jax.stages import rl
 from codex_jax.stages.context import Setup, StageContext
-from codex_jax.stages.ppo import update_kl_coef
 
 # added to the group std before dividing (as TRL's GRPO): a group whose rewards differ
 # only by float rounding must not be blown up to unit-scale advantages
@@ -208,26 +207,7 @@ def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, di
     start = state.params
     (trainable, opt_state, skipped), mb_metrics = jax.lax.scan(
         epoch, (start, state.opt_state, state.skipped), jax.random.split(k_shuffle, cfg.epochs))
-    kl_coef = update_kl_coef(cfg, state.extras["kl_coef"], roll["stats"]["kl"])
-    kl_skip = jnp.asarray(False)
-    if cfg.max_kl is not None and cfg.kl_guard == "skip":
-        # the KL guard in "skip" mode drops this iteration's update (the host never syncs)
-        kl_skip = roll["stats"]["kl"] > cfg.max_kl
-        keep = lambda new, old: jnp.where(kl_skip, old, new)  # noqa: E731
-        trainable = jax.tree_util.tree_map(keep, trainable, start)
-        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
-        kl_coef = jnp.where(kl_skip, state.extras["kl_coef"], kl_coef)
-    metrics = {
-        **roll["stats"],
-        **jax.tree_util.tree_map(jnp.mean, mb_metrics),
-        **rl.exact_kl(state, state.params["policy"]),
-        "kl_coef": state.extras["kl_coef"],
-        "skipped": skipped - state.skipped,
-        "kl_skipped": kl_skip.astype(jnp.int32),
-    }
-    new = state.replace(params=trainable, opt_state=opt_state, extras={**state.extras, "kl_coef": kl_coef},
-                        step=state.step + 1, skipped=skipped)
-    return new, metrics
+    return rl.finish_iteration(state, trainable, opt_state, skipped, roll["stats"], mb_metrics)
 
 
 # --------------------------------------------------------------------------- the stage in the table

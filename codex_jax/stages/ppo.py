@@ -27,7 +27,7 @@ from codex_jax.core.state import TrainState, init_state
 from codex_jax.models.family import Family, response_mask
 from codex_jax.stages import rl
 from codex_jax.stages.context import Setup, StageContext
-from codex_jax.stages.rl import penalty_vector  # noqa: F401 - part of this stage's API
+from codex_jax.stages.rl import penalty_vector, update_kl_coef  # noqa: F401 - part of this stage's API
 
 
 def init(cfg: PPOConfig, family: Family, policy, ref, reward, penalty, value=None) -> TrainState:
@@ -135,14 +135,6 @@ def _ptx_loss(fam, policy, ptx: dict) -> jax.Array:
     return kernels.masked_mean(fam.token_nll(policy, ptx["ptx_tokens"], 0.0), ptx["ptx_mask"])
 
 
-def update_kl_coef(cfg: PPOConfig, kl_coef: jax.Array, kl: jax.Array) -> jax.Array:
-    """Adaptive controller of Ziegler et al. (2019); fixed when kl_target is None."""
-    if cfg.kl_target is None:
-        return kl_coef
-    error = jnp.clip(kl / cfg.kl_target - 1.0, -0.2, 0.2)
-    return kl_coef * (1.0 + error * cfg.rollouts / cfg.kl_horizon)
-
-
 def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
     """One PPO iteration (rollout + all update epochs) as one pure function."""
     cfg = state.cfg
@@ -170,27 +162,9 @@ def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, di
     (trainable, opt_state, skipped), mb_metrics = jax.lax.scan(
         epoch, (start, state.opt_state, state.skipped), epoch_keys
     )
-    kl_coef = update_kl_coef(cfg, state.extras["kl_coef"], roll["stats"]["kl"])
-    kl_skip = jnp.asarray(False)
-    if cfg.max_kl is not None and cfg.kl_guard == "skip":
-        # the KL guard in "skip" mode drops this iteration's update (host never syncs)
-        kl_skip = roll["stats"]["kl"] > cfg.max_kl
-        keep = lambda new, old: jnp.where(kl_skip, old, new)  # noqa: E731
-        trainable = jax.tree_util.tree_map(keep, trainable, start)
-        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
-        kl_coef = jnp.where(kl_skip, state.extras["kl_coef"], kl_coef)
-    if cfg.ptx_coef == 0:  # not trained on: reported once, for the updated policy
-        mb_metrics = {**mb_metrics, "ptx_loss": _ptx_loss(state.family, trainable["policy"], ptx)}
-    metrics = {
-        **roll["stats"],
-        **jax.tree_util.tree_map(jnp.mean, mb_metrics),
-        "kl_coef": state.extras["kl_coef"],
-        **rl.exact_kl(state, state.params["policy"]),  # closed-form families: beside the estimate
-        "skipped": skipped - state.skipped,
-        "kl_skipped": kl_skip.astype(jnp.int32),
-    }
-    new = state.replace(params=trainable, opt_state=opt_state, extras={**state.extras, "kl_coef": kl_coef},
-                        step=state.step + 1, skipped=skipped)
+    new, metrics = rl.finish_iteration(state, trainable, opt_state, skipped, roll["stats"], mb_metrics)
+    if cfg.ptx_coef == 0:  # not trained on: reported once, for the policy kept
+        metrics["ptx_loss"] = _ptx_loss(state.family, new.params["policy"], ptx)
     return new, metrics
 
 

@@ -126,6 +126,35 @@ def seed_independence(ctx: StageContext) -> str | None:
     return None  # every iteration samples responses
 
 
+def update_kl_coef(cfg, kl_coef: jax.Array, kl: jax.Array) -> jax.Array:
+    """Adaptive controller of Ziegler et al. (2019); fixed when kl_target is None."""
+    if cfg.kl_target is None:
+        return kl_coef
+    error = jnp.clip(kl / cfg.kl_target - 1.0, -0.2, 0.2)
+    return kl_coef * (1.0 + error * cfg.rollouts / cfg.kl_horizon)
+
+
+def finish_iteration(state, trainable: dict, opt_state, skipped: jax.Array, stats: dict, mb_metrics: dict):
+    """The end of every on-policy iteration: the KL controller, the KL guard in "skip"
+    mode (which drops the iteration's update without a host sync) and the metrics.
+    -> (new state, metrics)."""
+    cfg = state.cfg
+    kl_coef = update_kl_coef(cfg, state.extras["kl_coef"], stats["kl"])
+    kl_skip = jnp.asarray(False)
+    if cfg.max_kl is not None and cfg.kl_guard == "skip":
+        kl_skip = stats["kl"] > cfg.max_kl
+        keep = lambda new, old: jnp.where(kl_skip, old, new)  # noqa: E731
+        trainable = jax.tree_util.tree_map(keep, trainable, state.params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+        kl_coef = jnp.where(kl_skip, state.extras["kl_coef"], kl_coef)
+    metrics = {**stats, **jax.tree_util.tree_map(jnp.mean, mb_metrics), "kl_coef": state.extras["kl_coef"],
+               **exact_kl(state, state.params["policy"]),  # closed-form families: beside the estimate
+               "skipped": skipped - state.skipped, "kl_skipped": kl_skip.astype(jnp.int32)}
+    new = state.replace(params=trainable, opt_state=opt_state, extras={**state.extras, "kl_coef": kl_coef},
+                        step=state.step + 1, skipped=skipped)
+    return new, metrics
+
+
 def set_kl_coef(states, values: jax.Array, ctx: StageContext):
     """Sweep setter: the (initial) KL coefficient of each stacked member.  values [G]."""
     return states.replace(extras={**states.extras, "kl_coef": values})
