@@ -1,5 +1,5 @@
-"""Speed benchmark of the transformer family: pretraining tokens/s and one PPO iteration,
-both as model-FLOP utilisation (MFU) against the machine's measured fp32 matmul peak;
+"""Speed benchmark of the transformer family: pretraining tokens/s, one PPO iteration and
+one GRPO iteration, each as model-FLOP utilisation (MFU) against the machine's measured fp32 matmul peak;
 prints ONE JSON line.
 
     python benchmarks/bench_transformer.py [--quick] [--table FILE.md] [--repeats N]
@@ -52,6 +52,15 @@ calls - ``--repeats`` PPO iterations, >= 5 of everything cheaper - every call en
     coarser ``count_flops`` view (head on every one of the P + T tokens, ``decode`` over
     P + T steps) - the ~1.0 TFLOP figure quoted for the reference config.
 
+  * GRPO: one ``grpo.step`` (``run_steps``, num_steps=1) on the same model, the same
+    reference and reward networks and the same number of generated tokens (``rollouts``
+    responses of ``response_len`` tokens: ``rollouts / group_size`` prompts x
+    ``group_size``, group_size 4), epochs and minibatches, timed like the PPO iteration.
+    Its FLOPs (``grpo_flops``) are PPO's passes without the value network: generation,
+    old and reference log-probs and the reward pass (scoring), then epochs x rollouts
+    rows of policy forward + backward (update).  ``grpo_mfu_vs_idle_peak`` is against the
+    same idle peak; ``ppo_over_grpo_time`` = PPO iteration s / GRPO iteration s.
+
 At ``ptx_coef = 0`` the PPO-ptx term is left out of every minibatch gradient (it is
 static config) and its loss is reported from one forward pass per iteration over the
 demonstration batch; the benchmark feeds one 2-token demonstration row
@@ -79,16 +88,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from codex_jax.config import LMConfig, OptimConfig, PPOConfig, TransformerConfig
+from codex_jax.config.algorithms import GRPOConfig
 from codex_jax.core.optim import apply_gradients
 from codex_jax.models import generate
 from codex_jax.models import transformer as tf
 from codex_jax.models.registry import make_family
 from codex_jax.run import train as loop
-from codex_jax.stages import lm, ppo
+from codex_jax.stages import grpo, lm, ppo
 
 PRETRAIN_TARGET_MFU = 0.50
 PPO_TARGET_MFU = 0.40
 ISSUE_PPO_TFLOP = 1.0
+GRPO_GROUP_SIZE = 4  # 32 rollouts = 8 prompts x 4 responses (quick: 2 x 4)
 
 FULL = {
     "model": {"layers": 4, "d_model": 256, "heads": 4, "context_len": 256},
@@ -240,6 +251,19 @@ def ppo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs
     return out
 
 
+def grpo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs: int) -> dict:
+    """FLOPs of one GRPO iteration, pass by pass (``ppo_flops``' passes, no value network):
+    generation, old and reference log-probs, the reward pass, and epochs x b rows of
+    policy forward + backward."""
+    f = ppo_flops(cfg, vocab, b, p, t, epochs)
+    out = {k: f[k] for k in ("generation_prefill", "generation_decode", "old_logprobs", "ref_logprobs", "reward",
+                             "update_policy", "generation")}
+    out["scoring"] = f["old_logprobs"] + f["ref_logprobs"] + f["reward"]
+    out["update"] = f["update_policy"]
+    out["total"] = out["generation"] + out["scoring"] + out["update"]
+    return out
+
+
 # --------------------------------------------------------------------------- pretraining
 def bench_pretrain(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak) -> dict:
     vocab, length, batch, steps = c["vocab"], c["pretrain_len"], c["pretrain_batch"], c["pretrain_steps"]
@@ -337,6 +361,35 @@ def bench_ppo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak, breakdo
     if breakdown:
         out["breakdown"] = ppo_breakdown(family, pcfg, state, batch, k_sample, repeats)
     return out
+
+
+def bench_grpo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak) -> dict:
+    """One GRPO iteration on the reference recipe: the PPO benchmark's policy, reference,
+    reward network and prompt pool, the same generated tokens, epochs and minibatches."""
+    vocab, b, p, t = c["vocab"], c["rollouts"], c["prompt_len"], c["response_len"]
+    family = make_family("transformer", vocab, cfg)
+    gcfg = GRPOConfig(iterations=1000, rollouts=b, group_size=GRPO_GROUP_SIZE, response_len=t, epochs=c["epochs"],
+                      minibatches=c["minibatches"], optim=OptimConfig(lr=1e-5, schedule="constant"))
+    k_policy, _, k_reward = jax.random.split(jax.random.key(7), 3)  # PPO's policy and reward inits
+    policy = family.init_policy(k_policy)
+    ref = jax.tree_util.tree_map(jnp.copy, policy)
+    state = grpo.init(gcfg, family, policy, ref, family.init_reward(k_reward), ppo.penalty_vector(vocab, [5, 6], 5.0))
+    rng = np.random.default_rng(1)
+    data = {"prompt": jnp.asarray(rng.integers(4, vocab, size=(b, p), dtype=np.int32)),
+            "prompt_mask": jnp.ones((b, p), jnp.float32)}
+    key = jax.random.key(11)
+    iteration = lambda: loop.run_steps(state, data, key, step_fn=grpo.step, select_fn=grpo.select_batch,
+                                       num_steps=1)
+    res = timed(iteration, repeats, peak)
+    flops = grpo_flops(cfg, vocab, b, p, t, gcfg.epochs)
+    it = res["median"]
+    return {"group_size": gcfg.group_size, "prompts": gcfg.groups, "rollouts": b, "response_len": t,
+            "epochs": gcfg.epochs, "minibatches": gcfg.minibatches,
+            "kl": f"{gcfg.kl_estimator} in the {gcfg.kl_placement}",
+            "iteration_s": it, "iteration_s_all": res["times"], "iteration_peaks_gflops": res["peaks_gflops"],
+            "cores_used": res["cores_used"], "compile_and_first_call_s": res["first_call"],
+            "generated_tokens_per_s": b * t / it, "flops": flops, "achieved_gflops": flops["total"] / it / 1e9,
+            "mfu_paired": paired_mfu(flops["total"], res)}
 
 
 def ppo_breakdown(family, pcfg, state, batch, k_sample, repeats: int) -> dict:
@@ -486,7 +539,7 @@ def run_peer(cmd: str) -> dict:
 
 # --------------------------------------------------------------------------- report
 def table(r: dict) -> str:
-    pt, pp, f = r["pretrain"], r["ppo"], r["ppo"]["flops"]
+    pt, pp, f, g = r["pretrain"], r["ppo"], r["ppo"]["flops"], r["grpo"]
     rows = [
         ("config", ", ".join(f"{k}={v}" for k, v in r["config"].items())),
         ("load average (1/5/15 min) before / after", f"{r['loadavg_before']} / {r['loadavg_after']}"),
@@ -528,6 +581,14 @@ def table(r: dict) -> str:
          f"vs run-median peak {r['ppo_mfu_vs_run_peak']:.3f}; vs best peak {r['ppo_mfu_vs_best_peak']:.3f}; "
          f"count_flops view {r['ppo_mfu_countflops']:.3f})")),
         ("PPO: iteration s at the target MFU (run-median peak)", f"{r['ppo_iteration_s_at_target']:.2f}"),
+        (f"GRPO: iteration s ({g['prompts']} prompts x {g['group_size']}, same generated tokens, epochs and "
+         f"minibatches; {g['kl']}; no value network)", f"{r['grpo_iteration_s']:.2f}"),
+        ("GRPO: TFLOP per iteration, generation / scoring / update / total",
+         " / ".join(f"{g['flops'][k] / 1e12:.3f}" for k in ("generation", "scoring", "update", "total"))),
+        ("**GRPO MFU** vs the idle peak (paired; vs run-median peak)",
+         f"**{r['grpo_mfu_vs_idle_peak']:.3f}** ({r['grpo_mfu']:.3f}; {r['grpo_mfu_vs_run_peak']:.3f})"),
+        (f"PPO / GRPO iteration time (cores used in GRPO iterations: {g['cores_used']:.2f})",
+         f"{r['ppo_over_grpo_time']:.2f}x"),
     ]
     if r.get("peer"):
         peer = r["peer"]
@@ -577,6 +638,7 @@ def main(argv=None) -> dict:
     idle_peak = peak_start
     pretrain = bench_pretrain(c, cfg, max(repeats, 5), peak)
     ppo_res = bench_ppo(c, cfg, repeats, peak, breakdown=not (args.quick or args.no_breakdown))
+    grpo_res = bench_grpo(c, cfg, repeats, peak)
     if args.ptx_rows:
         with_ptx = bench_ppo(c, cfg, repeats, peak, breakdown=False, ptx_rows=args.ptx_rows,
                              ptx_len=args.ptx_len)
@@ -648,8 +710,15 @@ def main(argv=None) -> dict:
         "idle_at_peak_measurement": bool(load_before[0] < 0.5),
         "pretrain_mfu_vs_idle_peak": pretrain["achieved_gflops"] * 1e9 / (idle_peak * 1e9),
         "ppo_mfu_vs_idle_peak": flops["total"] / ppo_res["iteration_s"] / (idle_peak * 1e9),
+        "grpo_iteration_s": grpo_res["iteration_s"],
+        "grpo_tflop_per_iteration": grpo_res["flops"]["total"] / 1e12,
+        "grpo_mfu": grpo_res["mfu_paired"],
+        "grpo_mfu_vs_idle_peak": grpo_res["flops"]["total"] / grpo_res["iteration_s"] / (idle_peak * 1e9),
+        "grpo_mfu_vs_run_peak": grpo_res["flops"]["total"] / grpo_res["iteration_s"] / peak_flops,
+        "ppo_over_grpo_time": ppo_res["iteration_s"] / grpo_res["iteration_s"],
         "pretrain": pretrain,
         "ppo": ppo_res,
+        "grpo": grpo_res,
     }
     if profiles:
         result["profile"] = profiles

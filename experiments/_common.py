@@ -36,9 +36,9 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
 
 def enable_cache() -> None:
     """The CLI's persistent compilation cache (re-runs skip compiling)."""
-    from codex_jax.cli import _enable_compilation_cache
+    from codex_jax.cli.common import enable_compilation_cache
 
-    _enable_compilation_cache()
+    enable_compilation_cache()
 
 
 def default_dataset(max_files: int | None = None):
