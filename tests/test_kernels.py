@@ -227,3 +227,26 @@ def test_fused_tied_head_keeps_bfloat16_gradients_in_bfloat16():
     assert gh.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
     ref = jax.grad(lambda e: jnp.sum(_head_reference(hidden.astype(jnp.float32), e, targets, 0.0)))(embedding)
     chex.assert_trees_all_close(ge, ref, rtol=5e-2, atol=5e-2)
+
+
+def test_fused_tied_head_runs_every_bfloat16_matmul_in_bfloat16():
+    """bf16 compute path: forward and both backward matmuls take bf16 operands and
+    accumulate in float32 (a float32 operand would run at the float32 rate)."""
+    hidden = jnp.ones((6, 8), jnp.bfloat16)
+    embedding = jnp.ones((11, 8), jnp.float32)
+    f = lambda h, e: jnp.sum(kernels.tied_head_nll(h, e, jnp.arange(6) % 11, jnp.float32(0.0)))
+    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, embedding)
+
+    def dots(jpr):
+        for eqn in jpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)  # closed or open sub-jaxprs
+                if hasattr(inner, "eqns"):
+                    yield from dots(inner)
+    found = list(dots(jaxpr.jaxpr))
+    assert len(found) >= 3  # forward logits, backward recompute, d_hidden, d_embedding
+    for eqn in found:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
+        assert eqn.outvars[0].aval.dtype == jnp.float32, eqn

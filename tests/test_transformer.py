@@ -204,6 +204,24 @@ def test_sample_is_deterministic_per_key_and_pads_after_eos():
     assert eos_rows > 0
 
 
+sample_logp_fn = jax.jit(generate.sample_with_logprobs, static_argnums=(0, 1, 6))
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 3)])
+def test_sampling_log_probs_equal_a_teacher_forced_pass(temperature, top_k):
+    """The old log-probs a rollout reads off the sampler are response_logprobs of the
+    sampled tokens (tempered, untruncated even under top-k), and the tokens are sample's."""
+    cfg = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, top_k=top_k)
+    params, (prompt, pmask, _) = _policy(), _batch()
+    key = jax.random.PRNGKey(3)
+    tokens, logp = sample_logp_fn(cfg, V, params, key, prompt, pmask, T, temperature)
+    np.testing.assert_array_equal(tokens, sample_fn(cfg, V, params, key, prompt, pmask, T, temperature))
+    assert logp.dtype == jnp.float32 and logp.shape == (B, T)
+    forced = resp_logprobs(cfg, V, params, prompt, pmask, tokens, temperature)
+    assert float(jnp.std(forced)) > 0.1  # non-trivial
+    np.testing.assert_allclose(logp, forced, atol=2e-5, rtol=1e-5)
+
+
 def test_top_k_one_is_greedy_decoding():
     cfg = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, top_k=1)
     params = _policy(CFG)

@@ -102,9 +102,14 @@ def _tied_head_bwd(res, g):
     eps = label_smoothing.astype(jnp.float32)
     logits = _tied_logits(hidden, embedding)
     d = jnp.exp(logits - lse[:, None]) - eps / vocab - (1.0 - eps) * jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
-    d = d * g[:, None].astype(jnp.float32)  # d loss / d logits [N, V]
-    d_hidden = jnp.einsum("nv,vd->nd", d, embedding.astype(jnp.float32)).astype(hidden.dtype)
-    d_embedding = jnp.einsum("nv,nd->vd", d, hidden.astype(jnp.float32)).astype(embedding.dtype)
+    d = d * g[:, None].astype(jnp.float32)  # d loss / d logits [N, V], formed in float32
+    # the two backward matmuls run in the compute dtype with float32 accumulation, like
+    # the forward one: in bfloat16 they are 2/3 of the head's work (bf16 hardware)
+    dt = hidden.dtype
+    d_hidden = jnp.einsum("nv,vd->nd", d.astype(dt), embedding.astype(dt),
+                          preferred_element_type=jnp.float32).astype(dt)
+    d_embedding = jnp.einsum("nv,nd->vd", d.astype(dt), hidden,
+                             preferred_element_type=jnp.float32).astype(embedding.dtype)
     return d_hidden, d_embedding, None, jnp.zeros_like(label_smoothing)
 
 

@@ -43,6 +43,9 @@ class Family(NamedTuple):
     init_value: Optional[Callable[..., Params]] = None  # (key) -> params
     # (params, prompt, prompt_mask, response) -> value before emitting response_t, [B, T]
     values: Optional[Callable[..., Any]] = None
+    # (sample's arguments) -> (response, log p [B, T] as response_logprobs computes it), from the
+    # sampling pass itself; None: rollouts take old log-probs from a second pass
+    sample_with_logprobs: Optional[Callable[..., Any]] = None
     # responses end at this id (masked after it); None: fixed-length responses
     eos_id: Optional[int] = None
     # whether init_policy / init_reward / init_value use their key (a seed-independent
@@ -62,3 +65,13 @@ def response_mask(response: jax.Array, eos_id: int | None) -> jax.Array:
     is_eos = (response == eos_id).astype(jnp.int32)
     before = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS seen strictly before t
     return (before == 0).astype(jnp.float32)
+
+
+def sample_with_logprobs(family: Family, params, key, prompt, prompt_mask, length: int, temperature):
+    """Responses and their log-probs under ``params`` (old log-probs of a rollout): from the
+    sampling pass where the family provides them, else one extra teacher-forced pass.
+    -> (response int32 [B, T], log p f32 [B, T], not masked)."""
+    if family.sample_with_logprobs is not None:
+        return family.sample_with_logprobs(params, key, prompt, prompt_mask, length, temperature)
+    response = family.sample(params, key, prompt, prompt_mask, length, temperature)
+    return response, family.response_logprobs(params, prompt, prompt_mask, response, temperature)

@@ -10,7 +10,8 @@ so every decode step computes exactly the logits of a full recompute over
 sample = prefill (one forward pass over BOS + prompt that fills the cache and gives
 the logits of response token 0) + ``length - 1`` single-token decode steps.  Each
 step draws with ``jax.random.categorical(fold_in(key, t), filtered logits /
-temperature)``; after a row emits EOS it emits PAD.
+temperature)``; after a row emits EOS it emits PAD.  ``sample_with_logprobs`` also
+returns each token's log-prob from the same logits (a rollout's old log-probs).
 """
 
 from __future__ import annotations
@@ -81,29 +82,41 @@ def decode_step(cfg: TransformerConfig, vocab_size: int, params, cache, valid, n
     return tf.lm_logits(cfg, vocab_size, params, hidden[:, 0]), cache
 
 
-def sample(cfg: TransformerConfig, vocab_size: int, params, key, prompt, prompt_mask, length: int,
-           temperature=1.0):
-    """``length`` tokens per prompt with temperature and cfg.top_k / cfg.top_p filtering;
-    PAD after a row's EOS.  -> int32 [B, length]."""
+def sample_with_logprobs(cfg: TransformerConfig, vocab_size: int, params, key, prompt, prompt_mask,
+                         length: int, temperature=1.0):
+    """``length`` tokens per prompt with temperature and cfg.top_k / cfg.top_p filtering
+    (PAD after a row's EOS), and the log-prob of each under the tempered UNTRUNCATED
+    softmax - the quantity ``transformer.response_logprobs`` computes, read off the logits
+    the sampler already has, so a rollout needs no second policy pass for its old
+    log-probs.  -> (int32 [B, length], f32 [B, length])."""
     b, p = prompt.shape
     logits, cache, valid, n = prefill(cfg, vocab_size, params, prompt, prompt_mask, length)
 
     def choose(logits, t, done):
-        filtered = filter_logits(logits / temperature, cfg.top_k, cfg.top_p)
+        tempered = logits.astype(jnp.float32) / temperature
+        filtered = filter_logits(tempered, cfg.top_k, cfg.top_p)
         token = jax.random.categorical(jax.random.fold_in(key, t), filtered, axis=-1).astype(jnp.int32)
         token = jnp.where(done, PAD_ID, token)
-        return token, done | (token == EOS_ID)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(tempered, -1), token[:, None], -1)[:, 0]
+        return token, logp, done | (token == EOS_ID)
 
-    first, done = choose(logits, 0, jnp.zeros((b,), bool))
+    first, first_logp, done = choose(logits, 0, jnp.zeros((b,), bool))
 
     def body(carry, i):
         cache, token, done = carry
         logits, cache = decode_step(cfg, vocab_size, params, cache, valid, n, p, token, i)
-        token, done = choose(logits, i + 1, done)
-        return (cache, token, done), token
+        token, logp, done = choose(logits, i + 1, done)
+        return (cache, token, done), (token, logp)
 
-    _, rest = jax.lax.scan(body, (cache, first, done), jnp.arange(length - 1, dtype=jnp.int32))
-    return jnp.concatenate([first[:, None], rest.T], 1)[:, :length]
+    _, (rest, rest_logp) = jax.lax.scan(body, (cache, first, done), jnp.arange(length - 1, dtype=jnp.int32))
+    tokens = jnp.concatenate([first[:, None], rest.T], 1)[:, :length]
+    return tokens, jnp.concatenate([first_logp[:, None], rest_logp.T], 1)[:, :length]
+
+
+def sample(cfg: TransformerConfig, vocab_size: int, params, key, prompt, prompt_mask, length: int,
+           temperature=1.0):
+    """The tokens of ``sample_with_logprobs``.  -> int32 [B, length]."""
+    return sample_with_logprobs(cfg, vocab_size, params, key, prompt, prompt_mask, length, temperature)[0]
 
 
 def decode_logits(cfg: TransformerConfig, vocab_size: int, params, prompt, prompt_mask, response):

@@ -35,6 +35,7 @@ def transformer(vocab_size: int, cfg: TransformerConfig) -> Family:
         token_nll=p(tf.token_nll, cfg, vocab_size),
         response_logprobs=p(tf.response_logprobs, cfg, vocab_size),
         sample=p(generate.sample, cfg, vocab_size),
+        sample_with_logprobs=p(generate.sample_with_logprobs, cfg, vocab_size),
         init_reward=p(tf.init_reward, cfg, vocab_size),
         reward_token_scores=p(tf.reward_token_scores, cfg, vocab_size),
         reward_l2=tf.reward_l2,

@@ -36,7 +36,7 @@ from codex_jax.core import kernels, kl
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.sharding import shard_rows
 from codex_jax.core.state import TrainState, init_state
-from codex_jax.models.family import Family, response_mask
+from codex_jax.models.family import Family, response_mask, sample_with_logprobs
 from codex_jax.stages import rl
 from codex_jax.stages.context import Setup, StageContext
 
@@ -121,9 +121,9 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
     """Responses, their log-probs and group-relative advantages; no gradients flow here."""
     cfg, fam, e = state.cfg, state.family, state.extras
     policy, prompt, pmask = state.params["policy"], batch["prompt"], batch["prompt_mask"]
-    response = fam.sample(policy, key, prompt, pmask, cfg.response_len, cfg.temperature)
+    response, old_logp = sample_with_logprobs(fam, policy, key, prompt, pmask, cfg.response_len, cfg.temperature)
     mask = response_mask(response, fam.eos_id)
-    old_logp = fam.response_logprobs(policy, prompt, pmask, response, cfg.temperature) * mask
+    old_logp = old_logp * mask
     ref_logp = fam.response_logprobs(e["ref"], prompt, pmask, response, cfg.temperature) * mask
     terms = sequence_rewards(state, batch, response, mask)
     k1 = kl.reward_penalty("k1", old_logp, ref_logp, mask)  # [B] sampled KL(pi || ref)

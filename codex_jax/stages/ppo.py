@@ -24,7 +24,7 @@ from codex_jax.core import kl as kl_estimators
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.sharding import shard_rows
 from codex_jax.core.state import TrainState, init_state
-from codex_jax.models.family import Family, response_mask
+from codex_jax.models.family import Family, response_mask, sample_with_logprobs
 from codex_jax.stages import rl
 from codex_jax.stages.context import Setup, StageContext
 from codex_jax.stages.rl import penalty_vector, update_kl_coef  # noqa: F401 - part of this stage's API
@@ -61,9 +61,10 @@ def rollout(state: TrainState, batch: dict, key: jax.Array) -> dict:
     """Samples responses and everything the update needs; no gradients flow here."""
     cfg, fam = state.cfg, state.family
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
-    response = fam.sample(state.params["policy"], key, prompt, pmask, cfg.response_len, cfg.temperature)
+    response, old_logp = sample_with_logprobs(fam, state.params["policy"], key, prompt, pmask, cfg.response_len,
+                                              cfg.temperature)
     mask = response_mask(response, fam.eos_id)
-    old_logp = fam.response_logprobs(state.params["policy"], prompt, pmask, response, cfg.temperature) * mask
+    old_logp = old_logp * mask
     ref_logp = fam.response_logprobs(state.extras["ref"], prompt, pmask, response, cfg.temperature) * mask
     last = (jnp.arange(mask.shape[-1]) == mask.sum(-1, keepdims=True) - 1).astype(jnp.float32)
     rm = rl.task_reward(state, batch["prompt_id"], prompt, pmask, response, mask, last)  # [B, T]

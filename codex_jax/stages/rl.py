@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from codex_jax.models.family import response_mask
+from codex_jax.models.family import response_mask, sample_with_logprobs
 from codex_jax.stages import lm
 from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
 
@@ -84,9 +84,8 @@ def sampled_objective(state, batch: dict, key: jax.Array) -> dict:
     RM score, KL = mean sampled KL(pi || ref), safety = mean penalty mass."""
     fam, e, T = state.family, state.extras, state.cfg.response_len
     policy, prompt, pmask = state.params["policy"], batch["prompt"], batch["prompt_mask"]
-    response = fam.sample(policy, key, prompt, pmask, T, 1.0)
+    response, logp = sample_with_logprobs(fam, policy, key, prompt, pmask, T, 1.0)
     mask = response_mask(response, fam.eos_id)
-    logp = fam.response_logprobs(policy, prompt, pmask, response, 1.0)
     ref_logp = fam.response_logprobs(e["ref"], prompt, pmask, response, 1.0)
     rm = fam.reward_token_scores(e["reward"], prompt, pmask, response, mask).sum(-1)
     return {"L_RLHF": -jnp.mean(rm), "KL": jnp.mean(((logp - ref_logp) * mask).sum(-1)),
