@@ -7,12 +7,21 @@ import pathlib
 import sys
 
 
+def cache_root() -> pathlib.Path:
+    """Where the command line keeps what runs can share: $CODEX_JAX_CACHE or ~/.cache/codex-jax."""
+    return pathlib.Path(os.environ.get("CODEX_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "codex-jax")))
+
+
+def prepared_cache_dir() -> pathlib.Path:
+    """The cache of prepared data (tokenizer + encoded arrays; ``run.prepared``)."""
+    return cache_root() / "prepared"
+
+
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache, so a second run skips compiling."""
     import jax
 
-    cache = os.environ.get("CODEX_JAX_CACHE", str(pathlib.Path.home() / ".cache" / "codex-jax"))
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(cache) / "jax"))
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

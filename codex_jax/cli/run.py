@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from codex_jax.cli.common import enable_compilation_cache, load_dataset
+from codex_jax.cli.common import enable_compilation_cache, load_dataset, prepared_cache_dir
 from codex_jax.errors import CodexError
 
 
@@ -86,7 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     enable_compilation_cache()
     try:
         summary = run_pipeline(dataset, cfg, out, progress=not args.quiet, resume=args.resume is not None,
-                               stop_after=stop_after, layout=layout() if layout else None)
+                               stop_after=stop_after, layout=layout() if layout else None,
+                               cache_dir=prepared_cache_dir())
     except StopRequested as stop:
         print(f"{stop}; continue with: codex-jax run --resume {out}", file=sys.stderr)
         return 0

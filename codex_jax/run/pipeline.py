@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -22,13 +23,16 @@ import jax
 from codex_jax.config.checks import sha256_json
 from codex_jax.config.pipeline import PipelineConfig, from_dict
 from codex_jax.core.sharding import to_host
+from codex_jax.data.bpe import BPETokenizer
 from codex_jax.data.encode import EncodedData
 from codex_jax.data.records import Dataset
+from codex_jax.data.tokenizer import Tokenizer
 from codex_jax.errors import CodexError, DataError
 from codex_jax.run import artifacts
 from codex_jax.run.checkpoint import StageCheckpointer
 from codex_jax.run.driver import Runner, prepare, run_stages
 from codex_jax.run.manifest import environment
+from codex_jax.run.prepared import cached_prepare
 from codex_jax.stages.table import LABELS, pipeline_stages
 
 
@@ -92,6 +96,7 @@ def run_pipeline(
     resume: bool = False,
     stop_after: tuple[str, int] | None = None,
     layout: Any = None,
+    cache_dir: str | pathlib.Path | None = None,
 ) -> dict:
     """Runs every stage and writes the run directory; returns the summary.
 
@@ -100,13 +105,19 @@ def run_pipeline(
 
     ``resume=True`` continues the run in ``out_dir`` from its checkpoints and must see
     the same data (checked by hash).  ``stop_after=(stage, step)`` stops right after the
-    checkpoint at that step (raises ``loop.StopRequested``).
+    checkpoint at that step (raises ``loop.StopRequested``).  ``cache_dir`` keeps the
+    prepared data (tokenizer + encoded arrays) between runs of the same data and configs.
     """
     t_start = time.perf_counter()
     out = pathlib.Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CodexError(f"{out}: the output path exists and is not a directory")
-    tokenizer, enc = prepare(dataset, cfg)  # raises before anything is written
+    t_prep = time.perf_counter()  # raises before anything is written:
+    tokenizer, enc, cached = cached_prepare(dataset, cfg, cache_dir, prepare,
+                                            {"Tokenizer": Tokenizer, "BPETokenizer": BPETokenizer})
+    if progress:
+        print(f"[ prepare] tokenizer + encoded data: {time.perf_counter() - t_prep:.1f}s (cache {cached})",
+              file=sys.stderr)
     hashes = data_hashes(enc)
     primary = jax.process_index() == 0  # one writer per run directory (orbax saves are collective)
     record = {"config": cfg.to_dict(), "data_source": dataset.source, "data_hash": hashes}
