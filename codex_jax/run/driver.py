@@ -218,8 +218,9 @@ def samples(ctx: StageContext, tokenizer, params: dict, key: jax.Array, rl_cfg: 
     prompt, pmask = ctx.enc.prompt[:n], ctx.enc.prompt_mask[:n]
     length = getattr(rl_cfg, "response_len", ctx.cfg.ppo.response_len)
     out = []
+    draw = jax.jit(ctx.family.sample, static_argnums=(4,))  # one compiled program, not op-by-op dispatch
     for stage in ("M1", "M2"):
-        ids = jax.device_get(ctx.family.sample(params[stage], jax.random.fold_in(key, 7), prompt, pmask, length, 1.0))
+        ids = jax.device_get(draw(params[stage], jax.random.fold_in(key, 7), prompt, pmask, length, 1.0))
         for i, row in enumerate(ids):
             p = np.asarray(prompt[i])[np.asarray(pmask[i]) > 0]
             out.append({"stage": stage, "prompt": tokenizer.decode(p.tolist()),

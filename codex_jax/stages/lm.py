@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codex_jax.config.stages import LMConfig
 from codex_jax.core import kernels
@@ -45,12 +46,13 @@ def smoothing_to_label_smoothing(smoothing: float, num_tokens: float, vocab_size
 
 def make_data(tokens, mask, batch_size: int, label_smoothing: float = 0.0) -> dict:
     """Device arrays for ``run_steps``; ``denom`` = mean loss tokens per batch."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mask = jnp.asarray(mask, jnp.float32)
-    denom = mask.sum() * batch_size / tokens.shape[0]
+    # host arithmetic (float32, like the device's): eager jnp ops here would each compile
+    # a program of their own, for every data shape of a run
+    host_mask = np.asarray(mask, np.float32)
+    denom = np.float32(host_mask.sum(dtype=np.float32)) * np.float32(batch_size) / np.float32(host_mask.shape[0])
     return {
-        "tokens": tokens,
-        "mask": mask,
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "mask": jnp.asarray(host_mask),
         "denom": jnp.asarray(denom, jnp.float32),
         "label_smoothing": jnp.asarray(label_smoothing, jnp.float32),
     }
@@ -108,4 +110,4 @@ def fit_exact(key: jax.Array, cfg: LMConfig, family: Family, data: dict) -> Trai
     if family.fit_exact is None:
         raise ConfigError(f"pretrain.mode='exact' needs a closed form; model {family.name!r} has none")
     counts = jax.jit(kernels.batch_count_tokens, static_argnums=2)(data["tokens"], data["mask"], family.vocab_size)
-    return init(key, cfg, family, params=family.fit_exact(counts, cfg.smoothing))
+    return init(key, cfg, family, params=jax.jit(family.fit_exact)(counts, cfg.smoothing))

@@ -9,10 +9,12 @@ A state of such a stage has ``params["policy"]`` and ``extras`` {"ref", "reward"
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codex_jax.models.family import response_mask, sample_with_logprobs
 from codex_jax.stages import lm
@@ -21,7 +23,9 @@ from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
 
 def penalty_vector(vocab_size: int, unsafe_ids, penalty: float):
     """s[v] = penalty for each unsafe id, else 0.  -> f32 [V]."""
-    return jnp.zeros((vocab_size,), jnp.float32).at[jnp.asarray(list(unsafe_ids), jnp.int32)].set(penalty)
+    vector = np.zeros((vocab_size,), np.float32)  # on the host: no program compiled for it
+    vector[np.asarray(list(unsafe_ids), np.int64)] = penalty
+    return jnp.asarray(vector)
 
 
 def prompt_data(ctx: StageContext) -> dict:
@@ -97,8 +101,7 @@ def objective_report(ctx: StageContext, setup_: Setup, state, select_batch) -> d
     demos = lm_datasets(ctx)["demos"]
     start = setup_.extra["start"]
     if ctx.family.exact_objective is not None:
-        counts = jnp.bincount(demos["tokens"].ravel(), weights=demos["mask"].ravel(),
-                              length=ctx.family.vocab_size)
+        counts = _token_counts(demos["tokens"], demos["mask"], ctx.family.vocab_size)
         return {"exact_before": floats(exact_terms(start, counts)), "exact_after": floats(exact_terms(state, counts))}
     k_eval = setup_.extra["eval_key"]  # same prompts and sampling keys before and after
     batch = select_batch(state, setup_.data, jax.random.fold_in(k_eval, 0))
@@ -107,6 +110,12 @@ def objective_report(ctx: StageContext, setup_: Setup, state, select_batch) -> d
         out[name] = {**floats(sampled_objective(st, batch, k_eval)),
                      "L_SFT": floats(lm.evaluate(st.params["policy"], ctx.family, demos))["nll"]}
     return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _token_counts(tokens, mask, vocab_size: int) -> jax.Array:
+    """Mask-weighted token counts, f32 [V] (one compiled program)."""
+    return jnp.bincount(tokens.ravel(), weights=mask.ravel(), length=vocab_size)
 
 
 def report(ctx: StageContext, setup_: Setup, state, select_batch) -> dict:
