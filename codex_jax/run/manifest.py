@@ -29,7 +29,7 @@ def environment() -> dict:
         "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # incl. the library's own (core/xla_options.py)
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # options can change numerics and speed
     }
 
 
