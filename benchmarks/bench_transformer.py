@@ -36,7 +36,7 @@ calls - ``--repeats`` PPO iterations, >= 5 of everything cheaper - every call en
     embedding weights in the initialised parameters.
   * PPO: one ``ppo.step`` (``run_steps`` with num_steps=1), ``ppo.rollout`` alone and
     ``family.sample`` alone, each jitted, on the same state / prompts / key.
-        scoring_s = rollout_s - generation_s   (old, ref, value and reward passes + GAE)
+        scoring_s = rollout_s - generation_s   (ref, value and reward passes + GAE)
         update_s  = iteration_s - rollout_s    (epochs x minibatches of fwd + bwd + Adam)
     ``breakdown`` times the pieces separately (prefill, the decode scan, one decode step,
     each scoring pass, one minibatch gradient, one optimiser update) to show where the
@@ -44,11 +44,13 @@ calls - ``--repeats`` PPO iterations, >= 5 of everything cheaper - every call en
     PPO FLOPs are counted pass by pass as the implementation computes them
     (``ppo_flops``): generation = prefill of [BOS] + prompt into a cache of S = P + T slots
     (LM head only on the last prompt position) + (T - 1) single-token decode steps that
-    attend over all S slots; teacher-forced passes run the trunk over 1 + P + T tokens
-    (full square attention) and the LM head only on the T response positions (the hidden
-    states are gathered before the head).  The update counts epochs x rollouts rows of
+    attend over all S slots (the old log-probs are read off these logits: no pass of their
+    own); teacher-forced passes run the trunk over 1 + P + T tokens (full square
+    attention) except the last block, whose queries, output projection and MLP run only on
+    the rows read (T for log-probs and values, 1 for the reward), and the LM head only on
+    the T response positions.  The update counts epochs x rollouts rows of
     (policy + value) forward + backward = 3 x forward.  The reference config gives
-    0.037 (generation) + 0.130 (scoring) + 0.779 (update) = 0.945 TFLOP.  ``ppo_tflop_countflops`` is the
+    0.037 (generation) + 0.082 (scoring) + 0.713 (update) = 0.832 TFLOP.  ``ppo_tflop_countflops`` is the
     coarser ``count_flops`` view (head on every one of the P + T tokens, ``decode`` over
     P + T steps) - the ~1.0 TFLOP figure quoted for the reference config.
 
@@ -57,7 +59,7 @@ calls - ``--repeats`` PPO iterations, >= 5 of everything cheaper - every call en
     responses of ``response_len`` tokens: ``rollouts / group_size`` prompts x
     ``group_size``, group_size 4), epochs and minibatches, timed like the PPO iteration.
     Its FLOPs (``grpo_flops``) are PPO's passes without the value network: generation,
-    old and reference log-probs and the reward pass (scoring), then epochs x rollouts
+    reference log-probs and the reward pass (scoring), then epochs x rollouts
     rows of policy forward + backward (update).  ``grpo_mfu_vs_idle_peak`` is against the
     same idle peak; ``ppo_over_grpo_time`` = PPO iteration s / GRPO iteration s.
 
@@ -214,6 +216,7 @@ def ppo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs
     """FLOPs of one PPO iteration, pass by pass, as the implementation computes them."""
     d, layers = cfg.d_model, cfg.layers
     trunk = matmul_weights(cfg, vocab, head="none") - d  # layers (4 + 2r) d^2
+    per_layer = trunk // layers
 
     def dense(rows, lm_rows):  # trunk over `rows` tokens, LM head over `lm_rows`
         return 2.0 * trunk * rows + 2.0 * d * vocab * lm_rows
@@ -221,17 +224,27 @@ def ppo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs
     def attn(queries, keys):  # scores + mixing, per layer 4 d q k
         return 4.0 * layers * d * queries * keys
 
+    def forced(rows, read):
+        """A teacher-forced trunk pass over `rows` tokens whose caller reads `read` rows:
+        the last block runs its fused QKV projection on every row but attention queries,
+        the output projection and the MLP only on the read rows (transformer.hidden_states)."""
+        last_all, last_read = 3 * d * d, per_layer - 3 * d * d
+        dense_flops = 2.0 * ((layers - 1) * per_layer * rows + last_all * rows + last_read * read)
+        attn_flops = 4.0 * d * ((layers - 1) * rows * rows + read * rows)
+        return dense_flops + attn_flops
+
     slots = p + max(t, 1)
     length = 1 + p + t
     prefill = b * (dense(p + 1, 1) + attn(p + 1, slots))
     decode = (t - 1) * b * (dense(1, 1) + attn(1, slots))
-    policy_fwd = b * (dense(length, t) + attn(length, length))  # old log-probs, ref, update
-    scalar_fwd = b * (dense(length, 0) + attn(length, length) + 2.0 * d * t)  # value (T heads)
-    reward_fwd = b * (dense(length, 0) + attn(length, length) + 2.0 * d)
+    # old log-probs come from the sampling pass (no FLOPs of their own)
+    policy_fwd = b * (forced(length, t) + 2.0 * d * vocab * t)  # ref log-probs, update
+    scalar_fwd = b * (forced(length, t) + 2.0 * d * t)  # value (T heads)
+    reward_fwd = b * (forced(length, 1) + 2.0 * d)  # the score at the last response token
     out = {
         "generation_prefill": prefill,
         "generation_decode": decode,
-        "old_logprobs": policy_fwd,
+        "old_logprobs": 0.0,
         "ref_logprobs": policy_fwd,
         "value": scalar_fwd,
         "reward": reward_fwd,
@@ -239,7 +252,7 @@ def ppo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs
         "update_value": 3.0 * epochs * scalar_fwd,
     }
     out["generation"] = prefill + decode
-    out["scoring"] = 2 * policy_fwd + scalar_fwd + reward_fwd
+    out["scoring"] = policy_fwd + scalar_fwd + reward_fwd
     out["update"] = out["update_policy"] + out["update_value"]
     out["total"] = out["generation"] + out["scoring"] + out["update"]
     # the coarse count_flops view: every pass over P + T tokens, LM head on all of them
@@ -253,7 +266,7 @@ def ppo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs
 
 def grpo_flops(cfg: TransformerConfig, vocab: int, b: int, p: int, t: int, epochs: int) -> dict:
     """FLOPs of one GRPO iteration, pass by pass (``ppo_flops``' passes, no value network):
-    generation, old and reference log-probs, the reward pass, and epochs x b rows of
+    generation, reference log-probs, the reward pass, and epochs x b rows of
     policy forward + backward."""
     f = ppo_flops(cfg, vocab, b, p, t, epochs)
     out = {k: f[k] for k in ("generation_prefill", "generation_decode", "old_logprobs", "ref_logprobs", "reward",
@@ -363,9 +376,9 @@ def bench_ppo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak, breakdo
     return out
 
 
-def bench_grpo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak) -> dict:
-    """One GRPO iteration on the reference recipe: the PPO benchmark's policy, reference,
-    reward network and prompt pool, the same generated tokens, epochs and minibatches."""
+def make_grpo(c: dict, cfg: TransformerConfig):
+    """Family, config, state and prompt pool of GRPO on the reference recipe: the PPO
+    benchmark's policy, reference and reward network (no value network)."""
     vocab, b, p, t = c["vocab"], c["rollouts"], c["prompt_len"], c["response_len"]
     family = make_family("transformer", vocab, cfg)
     gcfg = GRPOConfig(iterations=1000, rollouts=b, group_size=GRPO_GROUP_SIZE, response_len=t, epochs=c["epochs"],
@@ -377,6 +390,14 @@ def bench_grpo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak) -> dic
     rng = np.random.default_rng(1)
     data = {"prompt": jnp.asarray(rng.integers(4, vocab, size=(b, p), dtype=np.int32)),
             "prompt_mask": jnp.ones((b, p), jnp.float32)}
+    return family, gcfg, state, data
+
+
+def bench_grpo(c: dict, cfg: TransformerConfig, repeats: int, peak: Peak) -> dict:
+    """One GRPO iteration on the reference recipe: the PPO benchmark's policy, reference,
+    reward network and prompt pool, the same generated tokens, epochs and minibatches."""
+    vocab, b, p, t = c["vocab"], c["rollouts"], c["prompt_len"], c["response_len"]
+    family, gcfg, state, data = make_grpo(c, cfg)
     key = jax.random.key(11)
     iteration = lambda: loop.run_steps(state, data, key, step_fn=grpo.step, select_fn=grpo.select_batch,
                                        num_steps=1)
@@ -727,7 +748,9 @@ def main(argv=None) -> dict:
     result["wall_s"] = time.perf_counter() - t_start
     if args.peer_cmd:  # a peer is compared only when it runs here, in this run, on this machine
         result["peer"] = run_peer(args.peer_cmd)
-        result["peer_ratio"] = result["peer"]["iteration_s"] / result["ppo_iteration_s"]
+        ours = result["grpo"]["iteration_s"] if "grpo" in result["peer"].get("name", "").lower() else \
+            result["ppo_iteration_s"]  # a GRPO peer is compared with our GRPO iteration
+        result["peer_ratio"] = result["peer"]["iteration_s"] / ours
     if args.table:
         with open(args.table, "w") as fh:
             fh.write(table(result))

@@ -3,6 +3,7 @@ losses, sampling, reward / value heads and a few training steps."""
 
 import functools
 
+import chex
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -104,6 +105,29 @@ def test_kv_cache_in_bfloat16_stays_close_to_float32():
     cached = decode_logits(cfg, V, params, prompt, pmask, response)
     assert cached.dtype == jnp.float32
     np.testing.assert_allclose(cached, resp_logits(CFG, V, params, prompt, pmask, response), atol=0.15)
+
+
+@pytest.mark.parametrize("scalar_head", [False, True], ids=["policy", "critic"])
+def test_last_block_on_the_read_rows_only_equals_the_full_pass(scalar_head):
+    """read_idx: the last block computes queries / MLP only at the rows read; values and
+    gradients equal those of the full pass gathered at the same rows."""
+    params = _critic(tf.init_value, 3) if scalar_head else _policy()
+    prompt, pmask, response = _batch()
+    tokens, valid, positions, out_idx = tf.sequence(prompt, pmask, response)
+
+    def read(p):
+        return tf.hidden_states(CFG, V, p, tokens, valid, positions, scalar_head, read_idx=out_idx)
+
+    def full(p):
+        hidden = tf.hidden_states(CFG, V, p, tokens, valid, positions, scalar_head)
+        return jnp.take_along_axis(hidden, out_idx[..., None], axis=1)
+    got, want = jax.jit(read)(params), jax.jit(full)(params)
+    assert got.shape == (B, T, CFG.d_model) and float(jnp.std(want)) > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    w = jax.random.normal(jax.random.PRNGKey(9), want.shape)
+    g_read = jax.jit(jax.grad(lambda p: jnp.sum(w * read(p))))(params)
+    g_full = jax.jit(jax.grad(lambda p: jnp.sum(w * full(p))))(params)
+    chex.assert_trees_all_close(g_read, g_full, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- padding, causality
