@@ -36,18 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from codex_jax.execute.problems import build_program, load_problems
 from codex_jax.execute.sandbox import Executor
+from codex_jax.run.manifest import cpu_model
 
 TARGET = 3.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def cores() -> int:

@@ -79,7 +79,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -96,6 +95,7 @@ from codex_jax.models import generate
 from codex_jax.models import transformer as tf
 from codex_jax.models.registry import make_family
 from codex_jax.run import train as loop
+from codex_jax.run.manifest import cpu_model
 from codex_jax.stages import grpo, lm, ppo
 
 PRETRAIN_TARGET_MFU = 0.50
@@ -533,17 +533,6 @@ def profile_ops(fn, args, trace_dir: str, top: int = 12) -> dict:
             "by_category_ms": {k: round(v, 1) for k, v in by_cat.most_common()},
             "top_ops": [{"op": k, "ms": round(v, 1), "op_name": meta.get(k, "")[-100:]}
                         for k, v in by_name.most_common(top)]}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (a figure holds only beside its reference on the same CPU)."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_peer(cmd: str) -> dict:

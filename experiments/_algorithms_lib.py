@@ -80,16 +80,6 @@ def repetition_optimum(r, response_len: int, c: float = REPETITION_C) -> np.ndar
 
 
 # --------------------------------------------------------------------------- (a) the default data
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def base_stages(enc, tokenizer, cfg) -> tuple:
     """M0, M1 and RM once, exactly as ``run_stages`` trains them (same keys).
     -> (context holding their params, the per-purpose keys, seconds per stage)."""

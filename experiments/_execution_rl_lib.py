@@ -186,15 +186,6 @@ def key_record(keys: dict) -> dict:
     return {k: np.asarray(jax.random.key_data(v)).ravel().tolist() for k, v in keys.items()}
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} x {len(names)}" if names else "unknown"
-    except OSError:
-        return "unknown"
-
-
 def figure(plt, colors, sft: dict, runs: dict, m1: dict, n: int, temperature: float, train_temperature: float,
            m1_greedy: tuple[float, float] | None = None):
     """2 x 2: SFT held-out loss; held-out pass@1, empty rate and rollout execution reward

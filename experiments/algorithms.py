@@ -177,6 +177,7 @@ def main() -> int:
     from codex_jax.cli.common import enable_compilation_cache, load_dataset
     from codex_jax.config import PipelineConfig
     from codex_jax.run import driver
+    from codex_jax.run.manifest import cpu_model
 
     enable_compilation_cache()  # the CLI's persistent cache (_common.enable_cache imports a name cli lacks)
     timer = C.Timer()
@@ -185,7 +186,7 @@ def main() -> int:
     tokenizer, enc = driver.prepare(dataset, cfg)
     record = {"setup": {"quick": bool(args.quick), "seed": args.seed, "data": "default (Python standard library)",
                         "vocab_size": enc.vocab_size, "config": "PipelineConfig() defaults, unigram family",
-                        "cpu": A.cpu_model(), "cores": os.cpu_count(),
+                        "cpu": cpu_model(), "cores": os.cpu_count(),
                         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                         "budget": "300 iterations per algorithm (60 with --quick): PPO / GRPO / RLOO "
                                   "iterations x 512 rollouts x 16 tokens each; DPO iterations x 256 pairs",

@@ -119,6 +119,7 @@ def main() -> int:
 
     from codex_jax.execute.sandbox import Executor
     from codex_jax.run import driver
+    from codex_jax.run.manifest import cpu_model
     from codex_jax.run.tasks import task_problems
     from codex_jax.stages import ppo, pretrain, reward
 
@@ -210,7 +211,7 @@ def main() -> int:
                   "eval": {"estimator": "unbiased pass@k, 1 - C(n-c,k)/C(n,k), mean over problems",
                            "n_curve": s["n"], "n_final": s["n_final"], "temperature": s["temperature"],
                            "response_len": cfg.data.max_response_len, "same_keys_for_every_policy": True},
-                  "isolation": isolation, "cpu": L.cpu_model()},
+                  "isolation": isolation, "cpu": cpu_model()},
         "M0": {"training_loss": [(r["step"], r["loss"]) for r in m0_records]},
         "sft": sft_rec,
         "RM": {**rm_report, "training_loss": [(r["step"], r["loss"]) for r in rm_records]},

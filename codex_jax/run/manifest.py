@@ -25,12 +25,25 @@ def environment() -> dict:
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
+        "cpu": cpu_model(),
         "prng_impl": str(jax.config.jax_default_prng_impl),
         "jax_threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # options can change numerics and speed
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (a speed figure holds only beside its reference on the same CPU)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _jaxlib_version() -> str | None:
