@@ -31,17 +31,19 @@ def load_dataset(source: str | None, cfg=None):
     built-in task set of ``cfg.tasks`` (source "tasks")."""
     import dataclasses
 
-    from codex_jax.data import records as data
+    from codex_jax.data.snapshot import load_dataset_cached
+
+    def load(directory):  # files read and validated before come back from a snapshot
+        return load_dataset_cached(directory, cache_root() / "records")
 
     if source == "tasks":
         from codex_jax.run.tasks import task_data_dir
 
         print("[    data] writing or reading the built-in task set", file=sys.stderr)
-        return dataclasses.replace(data.load_dataset(task_data_dir(cfg.tasks)), source="tasks")
+        return dataclasses.replace(load(task_data_dir(cfg.tasks)), source="tasks")
     if source is not None and source != "default":
-        ds = data.load_dataset(source)
-        return dataclasses.replace(ds, source=str(pathlib.Path(source).absolute()))
+        return dataclasses.replace(load(source), source=str(pathlib.Path(source).absolute()))
     from codex_jax.data.stdlib import default_data_dir
 
     print("[    data] building or reading the default data set (Python standard library)", file=sys.stderr)
-    return dataclasses.replace(data.load_dataset(default_data_dir()), source="default")
+    return dataclasses.replace(load(default_data_dir()), source="default")

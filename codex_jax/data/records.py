@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from codex_jax.errors import ConfigError, DataError
 
@@ -94,14 +95,27 @@ class Prefs:
         return len(self.prompts)
 
 
+class RecordsDigest(NamedTuple):
+    """sha256 of a data set's records and the (immutable) columns it belongs to."""
+
+    hex: str
+    columns: tuple  # (Corpus, Demos, Prefs) objects, compared by identity
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """The three datasets of one run; ``source`` is the directory or "default"."""
+    """The three datasets of one run; ``source`` is the directory or "default".
+
+    ``digest`` is the records' sha256 when the loader already computed it
+    (``data.snapshot``), bound to the column objects it was computed on (a copy with
+    other records does not reuse it); it never takes part in equality.
+    """
 
     corpus: Corpus
     demos: Demos
     prefs: Prefs
     source: str
+    digest: RecordsDigest | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 _JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number",

@@ -25,23 +25,10 @@ import codex_jax
 from codex_jax.config.pipeline import PipelineConfig
 from codex_jax.data.encode import EncodedData
 from codex_jax.data.records import Dataset
+from codex_jax.data.snapshot import records_digest
 
 _ARRAYS = ("corpus_tokens", "corpus_mask", "sft_tokens", "sft_mask", "prompt", "prompt_mask",
            "heldout_corpus_tokens", "heldout_corpus_mask", "heldout_sft_tokens", "heldout_sft_mask")
-
-
-def records_digest(dataset: Dataset) -> str:
-    """sha256 over every record's text, field by field (lengths delimit the strings)."""
-    h = hashlib.sha256()
-    fields = (dataset.corpus.texts, dataset.demos.prompts, dataset.demos.completions,
-              dataset.prefs.prompts, dataset.prefs.chosen, dataset.prefs.rejected)
-    for texts in fields:
-        h.update(len(texts).to_bytes(8, "little"))
-        for text in texts:
-            raw = text.encode("utf-8", "surrogatepass")
-            h.update(len(raw).to_bytes(8, "little"))
-            h.update(raw)
-    return h.hexdigest()
 
 
 def cache_key(dataset: Dataset, cfg: PipelineConfig) -> str:
