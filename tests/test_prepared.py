@@ -82,11 +82,18 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, tiny_data_dir):
     fn, calls = _counting_prepare()
     prepared.cached_prepare(ds, CFG, tmp_path, fn, CLASSES)
     entry = tmp_path / prepared.cache_key(ds, CFG)
-    (entry / "arrays.npz").write_bytes(b"not a zip file")
-    *got, status = prepared.cached_prepare(ds, CFG, tmp_path, fn, CLASSES)
-    assert status == "miss" and len(calls) == 2
-    _assert_same(got, prepare(ds, CFG))
-    assert prepared.cached_prepare(ds, CFG, tmp_path, fn, CLASSES)[2] == "hit"  # rewritten whole
+    damages = {"garbage": lambda raw: b"not an array file", "truncated": lambda raw: raw[:-7],
+               "missing": None}
+    for n, (what, damage) in enumerate(damages.items(), start=2):
+        target = entry / "corpus_tokens.npy"
+        if damage is None:
+            target.unlink()
+        else:
+            target.write_bytes(damage(target.read_bytes()))
+        *got, status = prepared.cached_prepare(ds, CFG, tmp_path, fn, CLASSES)
+        assert status == "miss" and len(calls) == n, what
+        _assert_same(got, prepare(ds, CFG))
+        assert prepared.cached_prepare(ds, CFG, tmp_path, fn, CLASSES)[2] == "hit"  # rewritten whole
 
 
 def test_an_input_error_propagates_and_caches_nothing(tmp_path, tiny_data_dir):

@@ -168,3 +168,25 @@ def test_fresh_run_discards_stale_checkpoints(tiny):
     run_pipeline(ds, tiny["cfg"].__class__(**{**tiny["cfg"].__dict__, "seed": 5}), out, progress=False)
     run_pipeline(ds, tiny["cfg"], out, progress=False)
     assert_same_run(tiny["straight"], out)
+
+
+def test_a_background_save_commits_what_a_blocking_one_does_and_reports_its_error(tmp_path, monkeypatch):
+    cfg = LMConfig(steps=2, batch_size=2)
+    state = lm.init(jax.random.key(0), cfg, symbolic.unigram_family(10))
+    later = state.replace(params={"logits": state.params["logits"] + 1.0}, step=state.step + 1)
+    ckpt = StageCheckpointer(tmp_path, "sft")
+    ckpt.save(1, state, {"config_hash": "h"}, block=False)
+    ckpt.save(2, later, {"config_hash": "h"}, block=False)  # waits for step 1 first: in order
+    assert ckpt.latest_step() == 2  # waits for the save in flight
+    chex.assert_trees_all_equal(ckpt.restore(1, state), state)
+    chex.assert_trees_all_equal(ckpt.restore(2, state), later)
+    ckpt.close()
+
+    broken = StageCheckpointer(tmp_path, "reward")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(broken.manager, "save", fail)
+    broken.save(1, state, {}, block=False)  # returns before the write fails
+    with pytest.raises(OSError, match="disk full"):
+        broken.close()  # the error surfaces where the run waits for the save

@@ -13,8 +13,7 @@ from typing import Any, Callable
 from codex_jax.config.pipeline import MODELS, TransformerConfig
 from codex_jax.config.tokenizers import EOS_ID
 from codex_jax.errors import ConfigError
-from codex_jax.models import generate, symbolic
-from codex_jax.models import transformer as tf
+from codex_jax.models import symbolic
 from codex_jax.models.family import Family
 
 
@@ -27,6 +26,9 @@ def unigram(vocab_size: int, model_cfg: Any = None) -> Family:
 @functools.lru_cache(maxsize=None)
 def transformer(vocab_size: int, cfg: TransformerConfig) -> Family:
     """Decoder-only transformer policy, reward model and critic; EOS-terminated responses."""
+    from codex_jax.models import generate  # deferred: symbolic runs never import flax.linen
+    from codex_jax.models import transformer as tf
+
     p = functools.partial
     return Family(
         name="transformer",

@@ -12,6 +12,11 @@ crash mid-save leaves no step that restores as valid: ``latest_step`` only sees
 committed steps.  Before restoring, the recorded leaves are compared with the leaves
 this run expects, so a different vocabulary size (say) is a clear error naming the
 leaf, never a silent broadcast.
+
+``save(..., block=False)`` writes in a background thread while training goes on (a
+save is ~0.1 s of mostly Python work for the symbolic stages); at most one save is in
+flight, the next ``save``, ``wait`` or ``close`` waits for it and re-raises its error.
+This is safe because a state's arrays are immutable and never donated.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pathlib
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -88,16 +94,30 @@ class StageCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._writer: ThreadPoolExecutor | None = None  # background saves (block=False)
+        self._pending: Future | None = None
 
     def latest_step(self) -> int | None:
+        self.wait()
         return self.manager.latest_step()
 
     saves = 0  # saves in this process, for the fault-injection hook
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        ocp = self._ocp
+    def save(self, step: int, state: Any, meta: dict, *, block: bool = True) -> None:
+        """Writes ``state`` as ``step``; ``block=False`` returns at once (see the module note)."""
+        self.wait()  # steps are committed in order, one at a time
         StageCheckpointer.saves += 1
-        phase = _fault_injection(self.directory, StageCheckpointer.saves)
+        save_index = StageCheckpointer.saves
+        if block:
+            self._write(step, state, meta, save_index)
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ckpt-{self.stage}")
+        self._pending = self._writer.submit(self._write, step, state, meta, save_index)
+
+    def _write(self, step: int, state: Any, meta: dict, save_index: int) -> None:
+        ocp = self._ocp
+        phase = _fault_injection(self.directory, save_index)
         leaves = state_leaves(state)
         meta = {**meta, "stage": self.stage, "step": int(step), "leaves": leaf_specs(leaves)}
         self.manager.save(int(step), args=ocp.args.Composite(
@@ -105,7 +125,14 @@ class StageCheckpointer:
         if phase is not None:  # "after" (or a "during" watcher that lost the race)
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def wait(self) -> None:
+        """Until the save in flight (if any) is committed; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def read_meta(self, step: int) -> dict:
+        self.wait()
         ocp = self._ocp
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
@@ -149,4 +176,9 @@ class StageCheckpointer:
         return {n: np.asarray(state[n]) for n in specs}
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+            self.manager.close()

@@ -115,6 +115,7 @@ class Runner:
     stop_after: tuple[str, int] | None = None  # (stage label, step)
     sync: Callable[[], None] | None = None  # makes logged records durable (before each save)
     layout: Any = None  # a sharding.Layout: run every stage on a device mesh (None: one device)
+    _open: list = dataclasses.field(default_factory=list, repr=False)  # checkpointers still saving
 
     def place(self, data: Any) -> Any:
         """Data pools on the mesh (unchanged without a layout)."""
@@ -143,9 +144,12 @@ class Runner:
                     progress=self.progress, checkpoint_every=self.cfg.checkpoint_every,
                     on_checkpoint=(lambda st: self.save(ckpt, st, meta)) if ckpt else None,
                     stop_after=stop, check=self.guard(stage), layout=self.layout)
-        finally:
+        except BaseException:
             if ckpt is not None:
-                ckpt.close()
+                ckpt.close()  # a stop or an error: the checkpoint is complete before it propagates
+            raise
+        if ckpt is not None:  # its last save goes on while the next stage starts; close() waits
+            self._open.append(ckpt)
         return state
 
     def save(self, ckpt: StageCheckpointer, state: Any, meta: dict) -> None:
@@ -153,7 +157,21 @@ class Runner:
         # resume skip them, or a crash would lose them for good
         if self.sync is not None:
             self.sync()
-        ckpt.save(int(state.step), state, meta)
+        # in the background while the next chunk runs; multi-process saves are collective,
+        # so there every process saves in step with the others
+        ckpt.save(int(state.step), state, meta, block=jax.process_count() > 1)
+
+    def close(self) -> None:
+        """Waits for the stages' last checkpoints (re-raising a failed save)."""
+        open_, self._open = self._open, []
+        errors = []
+        for ckpt in open_:
+            try:
+                ckpt.close()
+            except Exception as err:  # noqa: BLE001 - close the others, then report
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
 
 def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runner: Runner | None = None) -> dict:
@@ -182,7 +200,10 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
                                                  "isolation": ctx.host_reward.isolation}
         functional = held_out_pass_at_k(ctx, tokenizer, params, keys["data"]) if cfg.tasks.enabled else None
     finally:
-        close_context(ctx)
+        try:
+            close_context(ctx)
+        finally:
+            runner.close()
     exact = ctx.family.exact_objective is not None
     return {"params": params, "metrics": metrics, "timings": timings, "seed_use": seed_use(ctx),
             "functional": functional,

@@ -45,8 +45,9 @@ def _save(entry: pathlib.Path, tokenizer, enc: EncodedData) -> None:
     try:
         arrays = {name: getattr(enc, name) for name in _ARRAYS if getattr(enc, name) is not None}
         arrays.update({f"pairs.{k}": v for k, v in enc.pairs.items()})
-        np.savez(tmp / "arrays.npz", **arrays)
-        meta = {"vocab_size": enc.vocab_size, "tokenizer_kind": type(tokenizer).__name__,
+        for name, value in arrays.items():  # one .npy per array: a hit maps them, no zip to unpack
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(value))
+        meta = {"vocab_size": enc.vocab_size, "tokenizer_kind": type(tokenizer).__name__, "arrays": sorted(arrays),
                 "tokenizer": tokenizer.to_json()}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         try:
@@ -61,8 +62,8 @@ def _save(entry: pathlib.Path, tokenizer, enc: EncodedData) -> None:
 def _load(entry: pathlib.Path, tokenizer_classes: dict):
     meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
     tokenizer = tokenizer_classes[meta["tokenizer_kind"]].from_json(meta["tokenizer"])
-    with np.load(entry / "arrays.npz") as z:
-        arrays = {name: z[name] for name in z.files}
+    # read-only maps of the page cache: nothing is copied until a stage uses an array
+    arrays = {name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
     pairs = {k.split(".", 1)[1]: arrays.pop(k) for k in list(arrays) if k.startswith("pairs.")}
     return tokenizer, EncodedData(pairs=pairs, vocab_size=int(meta["vocab_size"]), **arrays)
 
