@@ -50,6 +50,8 @@ def test_editing_a_file_is_seen_even_with_the_same_size(tmp_path, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000))  # a later write, same size
     after = snapshot.load_dataset_cached(data, snap)
     assert after == load_dataset(data) and after != before
+    assert len(list(snap.iterdir())) == 1  # replaced, not piled up
+    assert snapshot.load_dataset_cached(data, snap) == after
 
 
 def test_a_bad_file_raises_the_loaders_error_and_is_never_snapshotted(tmp_path):

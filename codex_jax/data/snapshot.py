@@ -1,12 +1,14 @@
 """Validated records kept between runs: a data directory read before comes back in
 milliseconds instead of re-parsing and re-validating every JSON line.
 
-``load_dataset_cached(directory, cache_dir)`` keys a snapshot on what identifies the
-three files' contents without reading them: absolute path, size, modification time
+``load_dataset_cached(directory, cache_dir)`` keeps one snapshot per data directory
+(named by its absolute path) and trusts it only while its signature matches what
+identifies the three files' contents without reading them: size, modification time
 (ns) and inode of each (the test ``make`` and ``git`` use), plus the record format
 version and the Python version (``marshal``'s format is Python's own).  Editing,
-replacing or touching a file changes the key, so the file is read and validated
-again; the snapshot only ever holds records that passed ``records.load_dataset``.
+replacing or touching a file changes the signature, so the files are read and
+validated again and the snapshot is replaced (the cache holds one per directory, never
+a pile of stale ones); it only ever holds records that passed ``records.load_dataset``.
 A missing, damaged or unwritable snapshot costs only the full read.
 
 The snapshot also carries the records' digest (``records_digest``), which keys the
@@ -50,7 +52,7 @@ def records_digest(dataset: Dataset) -> str:
     return h.hexdigest()
 
 
-def files_key(directory: pathlib.Path) -> str | None:
+def files_signature(directory: pathlib.Path) -> str | None:
     """Hash of the three files' (path, size, mtime_ns, inode); None if one is missing
     (``records.load_dataset`` then reports it)."""
     h = hashlib.sha256(f"{_FORMAT}\n{sys.version}\n".encode())
@@ -64,9 +66,11 @@ def files_key(directory: pathlib.Path) -> str | None:
     return h.hexdigest()[:32]
 
 
-def _read(entry: pathlib.Path, source: str) -> Dataset | None:
+def _read(entry: pathlib.Path, source: str, signature: str) -> Dataset | None:
     try:
-        digest, cols = marshal.loads(entry.read_bytes())
+        stored, digest, cols = marshal.loads(entry.read_bytes())
+        if stored != signature:
+            return None  # the files changed since the snapshot
         texts, prompts, completions, p_prompts, chosen, rejected = cols
         return _with_digest(Dataset(corpus=Corpus(texts=texts), source=source,
                                     demos=Demos(prompts=prompts, completions=completions),
@@ -79,9 +83,9 @@ def _with_digest(ds: Dataset, digest: str) -> Dataset:
     return dataclasses.replace(ds, digest=RecordsDigest(digest, (ds.corpus, ds.demos, ds.prefs)))
 
 
-def _write(entry: pathlib.Path, ds: Dataset) -> None:
+def _write(entry: pathlib.Path, signature: str, ds: Dataset) -> None:
     try:
-        records.atomic_write_bytes(entry, marshal.dumps((records_digest(ds), _columns(ds))))
+        records.atomic_write_bytes(entry, marshal.dumps((signature, records_digest(ds), _columns(ds))))
     except OSError:
         pass  # a read-only or full cache only costs the next run the full read
 
@@ -90,13 +94,14 @@ def load_dataset_cached(directory: str | os.PathLike, cache_dir: str | os.PathLi
     """``records.load_dataset(directory)`` through the snapshots in ``cache_dir``
     (None: no snapshot).  The result equals a fresh load (a test checks it)."""
     directory = pathlib.Path(directory)
-    key = files_key(directory) if cache_dir is not None else None
-    if key is None:
+    signature = files_signature(directory) if cache_dir is not None else None
+    if signature is None:
         return records.load_dataset(directory)
-    entry = pathlib.Path(cache_dir) / f"{key}.marshal"
-    ds = _read(entry, str(directory))
+    name = hashlib.sha256(str(directory.absolute()).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    entry = pathlib.Path(cache_dir) / f"{name}.marshal"
+    ds = _read(entry, str(directory), signature)
     if ds is None:
         ds = records.load_dataset(directory)  # every input error surfaces here
         ds = _with_digest(ds, records_digest(ds))
-        _write(entry, ds)
+        _write(entry, signature, ds)
     return ds
