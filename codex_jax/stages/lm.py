@@ -44,6 +44,11 @@ def smoothing_to_label_smoothing(smoothing: float, num_tokens: float, vocab_size
     return smoothing * vocab_size / (num_tokens + smoothing * vocab_size)
 
 
+# mask-weighted token counts f32 [V] of a padded batch, as one compiled program (eagerly,
+# each op would compile on its own)
+count_tokens = jax.jit(kernels.batch_count_tokens, static_argnums=2)
+
+
 def make_data(tokens, mask, batch_size: int, label_smoothing: float = 0.0) -> dict:
     """Device arrays for ``run_steps``; ``denom`` = mean loss tokens per batch."""
     # host arithmetic (float32, like the device's): eager jnp ops here would each compile
@@ -109,5 +114,5 @@ def fit_exact(key: jax.Array, cfg: LMConfig, family: Family, data: dict) -> Trai
     """Closed-form smoothed MLE from batched token counts (no optimisation)."""
     if family.fit_exact is None:
         raise ConfigError(f"pretrain.mode='exact' needs a closed form; model {family.name!r} has none")
-    counts = jax.jit(kernels.batch_count_tokens, static_argnums=2)(data["tokens"], data["mask"], family.vocab_size)
+    counts = count_tokens(data["tokens"], data["mask"], family.vocab_size)
     return init(key, cfg, family, params=jax.jit(family.fit_exact)(counts, cfg.smoothing))

@@ -9,7 +9,6 @@ A state of such a stage has ``params["policy"]`` and ``extras`` {"ref", "reward"
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -101,7 +100,7 @@ def objective_report(ctx: StageContext, setup_: Setup, state, select_batch) -> d
     demos = lm_datasets(ctx)["demos"]
     start = setup_.extra["start"]
     if ctx.family.exact_objective is not None:
-        counts = _token_counts(demos["tokens"], demos["mask"], ctx.family.vocab_size)
+        counts = lm.count_tokens(demos["tokens"], demos["mask"], ctx.family.vocab_size)
         return {"exact_before": floats(exact_terms(start, counts)), "exact_after": floats(exact_terms(state, counts))}
     k_eval = setup_.extra["eval_key"]  # same prompts and sampling keys before and after
     batch = select_batch(state, setup_.data, jax.random.fold_in(k_eval, 0))
@@ -110,12 +109,6 @@ def objective_report(ctx: StageContext, setup_: Setup, state, select_batch) -> d
         out[name] = {**floats(sampled_objective(st, batch, k_eval)),
                      "L_SFT": floats(lm.evaluate(st.params["policy"], ctx.family, demos))["nll"]}
     return out
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _token_counts(tokens, mask, vocab_size: int) -> jax.Array:
-    """Mask-weighted token counts, f32 [V] (one compiled program)."""
-    return jnp.bincount(tokens.ravel(), weights=mask.ravel(), length=vocab_size)
 
 
 def report(ctx: StageContext, setup_: Setup, state, select_batch) -> dict:
