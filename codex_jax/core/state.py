@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
+
+from codex_jax.core.keys import to_device
 
 
 @struct.dataclass
@@ -36,6 +38,6 @@ class TrainState:
 def init_state(params: Any, family: Any, cfg: Any, tx: optax.GradientTransformation,
                extras: dict | None = None, host_reward: Any = None) -> TrainState:
     """A state at step 0 with a fresh optimiser state for ``params``."""
-    return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                      skipped=jnp.zeros((), jnp.int32), extras=dict(extras or {}),
+    return TrainState(params=params, opt_state=tx.init(params), step=to_device(0, np.int32),
+                      skipped=to_device(0, np.int32), extras=dict(extras or {}),
                       family=family, cfg=cfg, tx=tx, host_reward=host_reward)

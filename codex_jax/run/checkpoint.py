@@ -85,20 +85,35 @@ class StageCheckpointer:
     """Saves and restores one stage's state under ``root/<stage>``."""
 
     def __init__(self, root: str | pathlib.Path, stage: str, *, keep: int = 2):
-        import orbax.checkpoint as ocp
-
-        logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO
-        self._ocp = ocp
         self.directory = pathlib.Path(root).absolute() / stage
         self.stage = stage
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.keep = keep
+        self._manager = None  # made on first use: see ``manager``
+        self._made = threading.Lock()
         self._writer: ThreadPoolExecutor | None = None  # background saves (block=False)
         self._pending: Future | None = None
 
+    @property
+    def manager(self):
+        """The orbax manager, made on first use.  Importing orbax takes ~0.6 s; a fresh
+        run first needs it in its first background save, where the import overlaps
+        training instead of delaying it."""
+        with self._made:
+            if self._manager is None:
+                import orbax.checkpoint as ocp
+
+                logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at INFO
+                self._ocp = ocp
+                options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=False,
+                                                       create=True)
+                self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                      item_names=("state", "meta"))
+            return self._manager
+
     def latest_step(self) -> int | None:
         self.wait()
+        if self._manager is None and not self.directory.exists():
+            return None  # nothing saved yet (and no orbax import just to learn that)
         return self.manager.latest_step()
 
     saves = 0  # saves in this process, for the fault-injection hook
@@ -116,11 +131,12 @@ class StageCheckpointer:
         self._pending = self._writer.submit(self._write, step, state, meta, save_index)
 
     def _write(self, step: int, state: Any, meta: dict, save_index: int) -> None:
+        manager = self.manager
         ocp = self._ocp
         phase = _fault_injection(self.directory, save_index)
         leaves = state_leaves(state)
         meta = {**meta, "stage": self.stage, "step": int(step), "leaves": leaf_specs(leaves)}
-        self.manager.save(int(step), args=ocp.args.Composite(
+        manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(leaves), meta=ocp.args.JsonSave(meta)), force=True)
         if phase is not None:  # "after" (or a "during" watcher that lost the race)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -133,15 +149,15 @@ class StageCheckpointer:
 
     def read_meta(self, step: int) -> dict:
         self.wait()
-        ocp = self._ocp
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        manager, ocp = self.manager, self._ocp
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, step: int, target: Any, expect: dict | None = None) -> Any:
         """Restores ``step`` into the structure of ``target`` (a freshly initialised
         state); ``expect`` entries (e.g. config hash, key data) must match the meta."""
-        ocp = self._ocp
         where = f"{self.directory / str(step)}"
         meta = self.read_meta(step)
+        ocp = self._ocp
         for name, value in (expect or {}).items():
             if meta.get(name) != value:
                 raise CheckpointError(f"{where}: {name} differs from this run "
@@ -168,8 +184,8 @@ class StageCheckpointer:
 
     def load_leaves(self, step: int) -> dict[str, np.ndarray]:
         """Every saved leaf of ``step`` as {name: array}, without a target state."""
-        ocp = self._ocp
         specs = self.read_meta(step)["leaves"]
+        ocp = self._ocp
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh saved it
         abstract = {n: jax.ShapeDtypeStruct(tuple(s), np.dtype(d), sharding=one) for n, (s, d) in specs.items()}
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
@@ -181,4 +197,5 @@ class StageCheckpointer:
         finally:
             if self._writer is not None:
                 self._writer.shutdown()
-            self.manager.close()
+            if self._manager is not None:
+                self._manager.close()

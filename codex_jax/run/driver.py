@@ -17,6 +17,7 @@ import numpy as np
 
 from codex_jax.config.checks import sha256_json
 from codex_jax.config.pipeline import PipelineConfig
+from codex_jax.core.keys import split_seed
 from codex_jax.data.encode import EncodedData, encode_dataset
 from codex_jax.data.records import Dataset
 from codex_jax.data.tokenizer import Tokenizer
@@ -42,7 +43,7 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, jax.Array]:
     """One root key per run (a typed key, so JAX's key-reuse checker can audit it),
     split once by purpose; each stage splits its own key once more (``setup``)."""
     purposes = key_purposes(cfg)
-    return dict(zip(purposes, jax.random.split(jax.random.key(cfg.seed), len(purposes))))
+    return dict(zip(purposes, split_seed(cfg.seed, len(purposes))))
 
 
 def key_data(key: jax.Array) -> list[int]:
@@ -239,9 +240,10 @@ def samples(ctx: StageContext, tokenizer, params: dict, key: jax.Array, rl_cfg: 
     prompt, pmask = ctx.enc.prompt[:n], ctx.enc.prompt_mask[:n]
     length = getattr(rl_cfg, "response_len", ctx.cfg.ppo.response_len)
     out = []
-    draw = jax.jit(ctx.family.sample, static_argnums=(4,))  # one compiled program, not op-by-op dispatch
+    # one compiled program (key fold and temperature included), not op-by-op dispatch
+    draw = jax.jit(lambda p, k, pr, pm: ctx.family.sample(p, jax.random.fold_in(k, 7), pr, pm, length, 1.0))
     for stage in ("M1", "M2"):
-        ids = jax.device_get(draw(params[stage], jax.random.fold_in(key, 7), prompt, pmask, length, 1.0))
+        ids = jax.device_get(draw(params[stage], key, prompt, pmask))
         for i, row in enumerate(ids):
             p = np.asarray(prompt[i])[np.asarray(pmask[i]) > 0]
             out.append({"stage": stage, "prompt": tokenizer.decode(p.tolist()),

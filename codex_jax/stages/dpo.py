@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.config.algorithms import DPOConfig, GRPOConfig
-from codex_jax.core import kernels
+from codex_jax.core import kernels, keys
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.state import TrainState, init_state
 from codex_jax.models.family import Family
@@ -132,11 +132,11 @@ SWEEP_SETTERS: dict = {}  # only the learning rate is a dynamic leaf (beta, l2 a
 def setup(ctx: StageContext, key: jax.Array) -> Setup:
     """Policy = M1, reference = M0 or M1 (``cfg.reference``); the pairs split as the RM's."""
     cfg = ctx.cfg.dpo
-    k_split, k_init, k_train, k_eval = jax.random.split(key, 4)
+    k_split, k_init, k_train, k_eval = keys.split(key, 4)
     train, held = reward.split_pairs(ctx.enc.pairs, k_split, cfg.heldout_fraction)
     ref = ctx.params["M0"] if cfg.reference == "pretrain" else ctx.params["M1"]
     start = init(k_init, cfg, ctx.family, ctx.params["M1"], ref)
-    return Setup(start, ctx.place(jax.tree_util.tree_map(jnp.asarray, train)), k_train, cfg.steps,
+    return Setup(start, ctx.place(keys.to_device(train)), k_train, cfg.steps,
                  cfg.log_every, extra={"heldout": held, "start": start, "eval_key": k_eval})
 
 
@@ -160,7 +160,7 @@ def report(ctx: StageContext, setup_: Setup, state: TrainState) -> dict:
     cfg, ref, fam = state.cfg, state.extras["ref"], ctx.family
     sets = {"train": setup_.data}
     if setup_.extra["heldout"]["chosen"].shape[0]:
-        sets["heldout"] = ctx.place(jax.tree_util.tree_map(jnp.asarray, setup_.extra["heldout"]))
+        sets["heldout"] = ctx.place(keys.to_device(setup_.extra["heldout"]))
     out = {"algorithm": "dpo", "reference": cfg.reference, "skipped_updates": int(state.skipped),
            "train_pairs": int(setup_.data["chosen"].shape[0]),
            "heldout_pairs": int(setup_.extra["heldout"]["chosen"].shape[0])}

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codex_jax.config.algorithms import GroupRLConfig
 from codex_jax.core import kernels, kl
+from codex_jax.core.keys import split, to_device
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.sharding import shard_rows
 from codex_jax.core.state import TrainState, init_state
@@ -51,8 +53,8 @@ def init(cfg: GroupRLConfig, family: Family, policy, ref, reward, penalty) -> Tr
     "kl_coef" f32 [] (controller state)}: PPO's names, so ``rl.exact_terms``,
     ``rl.sampled_objective``, the guards and the sweep setters apply unchanged."""
     tx = make_optimizer(cfg.optim, cfg.iterations * cfg.epochs * cfg.minibatches)
-    extras = {"ref": ref, "reward": reward, "penalty": jnp.asarray(penalty, jnp.float32),
-              "kl_coef": jnp.asarray(cfg.kl_coef, jnp.float32)}
+    extras = {"ref": ref, "reward": reward, "penalty": to_device(penalty, np.float32),
+              "kl_coef": to_device(cfg.kl_coef, np.float32)}
     return init_state({"policy": policy}, family, cfg, tx, extras)
 
 
@@ -217,7 +219,7 @@ SHOW = ("rm_score", "kl", "safety_penalty")
 def setup(ctx: StageContext, key: jax.Array, cfg: GroupRLConfig, algorithm: str) -> Setup:
     """The stage ready to train from M1 against RM (``rl.start_trees``), on PPO's prompt pool."""
     trees = rl.start_trees(ctx, cfg)
-    k_train, k_eval = jax.random.split(key)
+    k_train, k_eval = split(key)
     start = init(cfg, ctx.family, trees["policy"], trees["ref"], trees["reward"], trees["penalty"])
     start = start.replace(host_reward=ctx.host_reward)  # the execution reward, if the run has one
     return Setup(start, rl.prompt_data(ctx), k_train, cfg.iterations, cfg.log_every,

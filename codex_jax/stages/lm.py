@@ -25,6 +25,7 @@ import numpy as np
 
 from codex_jax.config.stages import LMConfig
 from codex_jax.core import kernels
+from codex_jax.core.keys import to_device
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.state import TrainState, init_state
 from codex_jax.errors import ConfigError
@@ -56,10 +57,10 @@ def make_data(tokens, mask, batch_size: int, label_smoothing: float = 0.0) -> di
     host_mask = np.asarray(mask, np.float32)
     denom = np.float32(host_mask.sum(dtype=np.float32)) * np.float32(batch_size) / np.float32(host_mask.shape[0])
     return {
-        "tokens": jnp.asarray(tokens, jnp.int32),
-        "mask": jnp.asarray(host_mask),
-        "denom": jnp.asarray(denom, jnp.float32),
-        "label_smoothing": jnp.asarray(label_smoothing, jnp.float32),
+        "tokens": to_device(tokens, np.int32),
+        "mask": to_device(host_mask),
+        "denom": to_device(denom, np.float32),
+        "label_smoothing": to_device(label_smoothing, np.float32),
     }
 
 

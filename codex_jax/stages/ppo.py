@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codex_jax.config import PPOConfig
 from codex_jax.core import kernels
 from codex_jax.core import kl as kl_estimators
+from codex_jax.core.keys import split, to_device
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.sharding import shard_rows
 from codex_jax.core.state import TrainState, init_state
@@ -36,8 +38,8 @@ def init(cfg: PPOConfig, family: Family, policy, ref, reward, penalty, value=Non
     params = {"policy", "value"} (trained); extras = {"ref", "reward" (frozen),
     "penalty" f32 [V], "kl_coef" f32 [] (controller state)}."""
     tx = make_optimizer(cfg.optim, cfg.iterations * cfg.epochs * cfg.minibatches)
-    extras = {"ref": ref, "reward": reward, "penalty": jnp.asarray(penalty, jnp.float32),
-              "kl_coef": jnp.asarray(cfg.kl_coef, jnp.float32)}
+    extras = {"ref": ref, "reward": reward, "penalty": to_device(penalty, np.float32),
+              "kl_coef": to_device(cfg.kl_coef, np.float32)}
     return init_state({"policy": policy, "value": value}, family, cfg, tx, extras)
 
 
@@ -181,7 +183,7 @@ sampled_objective = rl.sampled_objective
 
 def setup(ctx: StageContext, key: jax.Array) -> Setup:
     cfg, trees = ctx.cfg.ppo, rl.start_trees(ctx, ctx.cfg.ppo)
-    k_value, k_train, k_eval = jax.random.split(key, 3)
+    k_value, k_train, k_eval = split(key, 3)
     value = ctx.family.init_value(k_value) if ctx.family.init_value is not None else None
     start = init(cfg, ctx.family, trees["policy"], trees["ref"], trees["reward"], trees["penalty"], value=value)
     start = start.replace(host_reward=ctx.host_reward)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 
+from codex_jax.core import keys
 from codex_jax.stages import lm
 from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets, prefixed
 
@@ -17,7 +18,7 @@ SHOW = ("loss",)
 
 def setup(ctx: StageContext, key: jax.Array) -> Setup:
     cfg, data = ctx.cfg.pretrain, lm_datasets(ctx)
-    k_init, k_train = jax.random.split(key)
+    k_init, k_train = keys.split(key)
     if cfg.mode == "exact":  # the answer itself: nothing to train
         return Setup(lm.fit_exact(k_init, cfg, ctx.family, data["corpus"]), data["corpus"], k_train, 0, cfg.log_every)
     return Setup(init(k_init, cfg, ctx.family), data["corpus"], k_train, cfg.steps, cfg.log_every)

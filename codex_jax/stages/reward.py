@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codex_jax.config.stages import RewardConfig
-from codex_jax.core import kernels
+from codex_jax.core import kernels, keys
 from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.state import TrainState, init_state
 from codex_jax.errors import DataError
@@ -91,16 +91,16 @@ def split_pairs(pairs: dict, key: jax.Array, heldout_fraction: float) -> tuple[d
     n_held = int(n * heldout_fraction)
     if n - n_held < 1:
         raise DataError(f"prefs: {n} preference pair(s) leave none for training")
-    perm = np.asarray(jax.random.permutation(key, n))
+    perm = np.asarray(keys.permutation(key, n))
     held, train = perm[:n_held], perm[n_held:]
     return ({k: v[train] for k, v in pairs.items()}, {k: v[held] for k, v in pairs.items()})
 
 
 def setup(ctx: StageContext, key: jax.Array) -> Setup:
     cfg = ctx.cfg.reward
-    k_split, k_init, k_train = jax.random.split(key, 3)
+    k_split, k_init, k_train = keys.split(key, 3)
     train_pairs, held_pairs = split_pairs(ctx.enc.pairs, k_split, cfg.heldout_fraction)
-    train_pairs = ctx.place(jax.tree_util.tree_map(jnp.asarray, train_pairs))
+    train_pairs = ctx.place(keys.to_device(train_pairs))
     return Setup(init(k_init, cfg, ctx.family), train_pairs, k_train, cfg.steps, cfg.log_every,
                  extra={"heldout": held_pairs})
 
@@ -110,7 +110,7 @@ def report(ctx: StageContext, setup_: Setup, state) -> dict:
     out = {"train_pairs": int(train["chosen"].shape[0]), "heldout_pairs": int(held["chosen"].shape[0]),
            "skipped_updates": int(state.skipped), **prefixed("train_", evaluate(state.params, ctx.family, train))}
     if held["chosen"].shape[0]:
-        held = ctx.place(jax.tree_util.tree_map(jnp.asarray, held))
+        held = ctx.place(keys.to_device(held))
         out.update(prefixed("heldout_", evaluate(state.params, ctx.family, held)))
     return out
 

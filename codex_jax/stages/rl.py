@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codex_jax.core.keys import to_device
 from codex_jax.models.family import response_mask, sample_with_logprobs
 from codex_jax.stages import lm
 from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
@@ -24,15 +25,15 @@ def penalty_vector(vocab_size: int, unsafe_ids, penalty: float):
     """s[v] = penalty for each unsafe id, else 0.  -> f32 [V]."""
     vector = np.zeros((vocab_size,), np.float32)  # on the host: no program compiled for it
     vector[np.asarray(list(unsafe_ids), np.int64)] = penalty
-    return jnp.asarray(vector)
+    return to_device(vector)
 
 
 def prompt_data(ctx: StageContext) -> dict:
     """The prompt pool (demonstration prompts) and demonstrations for the ptx term."""
     if "rl" not in ctx.cache:
         demos = lm_datasets(ctx)["demos"]
-        ctx.cache["rl"] = ctx.place({"prompt": jnp.asarray(ctx.enc.prompt),
-                                     "prompt_mask": jnp.asarray(ctx.enc.prompt_mask),
+        ctx.cache["rl"] = ctx.place({"prompt": to_device(ctx.enc.prompt),
+                                     "prompt_mask": to_device(ctx.enc.prompt_mask),
                                      "ptx_tokens": demos["tokens"], "ptx_mask": demos["mask"]})
     return ctx.cache["rl"]
 
@@ -115,7 +116,7 @@ def report(ctx: StageContext, setup_: Setup, state, select_batch) -> dict:
     cfg = state.cfg
     return {"algorithm": setup_.extra["algorithm"], "reference": cfg.reference,
             "final_kl_coef": float(state.extras["kl_coef"]), "skipped_updates": int(state.skipped),
-            "unsafe_token_ids": int((state.extras["penalty"] > 0).sum()),
+            "unsafe_token_ids": int((np.asarray(state.extras["penalty"]) > 0).sum()),
             **objective_report(ctx, setup_, state, select_batch)}
 
 

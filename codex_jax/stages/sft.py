@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 
+from codex_jax.core import keys
 from codex_jax.stages import lm
 from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
 
@@ -16,7 +17,7 @@ SHOW = ("loss",)
 
 def setup(ctx: StageContext, key: jax.Array) -> Setup:
     cfg, data = ctx.cfg.sft, lm_datasets(ctx)
-    k_init, k_train = jax.random.split(key)
+    k_init, k_train = keys.split(key)
     return Setup(init(k_init, cfg, ctx.family, params=ctx.params["M0"]), data["demos"], k_train,
                  cfg.steps, cfg.log_every)
 
