@@ -29,6 +29,7 @@ from codex_jax.run.checkpoint import StageCheckpointer
 from codex_jax.run.execution import ExecutionReward
 from codex_jax.run.functional import functional_eval
 from codex_jax.run.guards import make_guard
+from codex_jax.run.precompile import Precompiler, wanted
 from codex_jax.run.tasks import task_problems
 from codex_jax.stages.context import StageContext
 from codex_jax.stages.table import Stage, objective, pipeline_stages
@@ -117,6 +118,7 @@ class Runner:
     sync: Callable[[], None] | None = None  # makes logged records durable (before each save)
     layout: Any = None  # a sharding.Layout: run every stage on a device mesh (None: one device)
     _open: list = dataclasses.field(default_factory=list, repr=False)  # checkpointers still saving
+    ahead: Precompiler | None = None  # compiles later stages' loops while earlier ones run
 
     def place(self, data: Any) -> Any:
         """Data pools on the mesh (unchanged without a layout)."""
@@ -137,6 +139,8 @@ class Runner:
             if latest is not None:
                 state = ckpt.restore(latest, state, expect=meta)
         stop = self.stop_after[1] if self.stop_after and self.stop_after[0] == label else None
+        if self.ahead is not None:
+            self.ahead.claim(label)  # its loop: compiled by then, or never in the background
         try:
             if int(state.step) < total:
                 state, _ = host_loop.train(
@@ -181,6 +185,8 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     runner = runner or Runner(cfg=cfg, progress=False)
     keys = stage_keys(cfg)
     ctx = make_context(enc, tokenizer, cfg, place=runner.place)
+    if wanted(ctx, runner.layout):
+        runner.ahead = Precompiler(ctx, keys, checkpoint_every=cfg.checkpoint_every, stop_after=runner.stop_after)
     params: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -202,6 +208,9 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
         functional = held_out_pass_at_k(ctx, tokenizer, params, keys["data"]) if cfg.tasks.enabled else None
     finally:
         try:
+            if runner.ahead is not None:
+                runner.ahead, ahead = None, runner.ahead
+                ahead.close()
             close_context(ctx)
         finally:
             runner.close()

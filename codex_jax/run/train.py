@@ -37,6 +37,18 @@ class Progress:
             self.bar.close()
 
 
+def chunk_length(step: int, total_steps: int, log_every: int, checkpoint_every: int = 0,
+                 stop_after: int | None = None) -> int:
+    """Steps of the compiled chunk that starts at ``step``: up to the next multiple of
+    ``log_every`` (and of ``checkpoint_every``, if set), ``stop_after`` or the end."""
+    bounds = [log_every - step % log_every, total_steps - step]
+    if checkpoint_every:
+        bounds.append(checkpoint_every - step % checkpoint_every)
+    if stop_after is not None and stop_after > step:
+        bounds.append(stop_after - step)
+    return min(bounds)
+
+
 class StopRequested(Exception):
     """Raised after the checkpoint at ``stop_after`` is written (resume tests, debugging)."""
 
@@ -75,12 +87,7 @@ def train(
     bar = Progress(label, total_steps, enabled=progress, initial=step)
     records: list[dict] = []
     while step < total_steps:
-        bounds = [log_every - step % log_every, total_steps - step]
-        if checkpoint_every:
-            bounds.append(checkpoint_every - step % checkpoint_every)
-        if stop_after is not None and stop_after > step:
-            bounds.append(stop_after - step)
-        n = min(bounds)
+        n = chunk_length(step, total_steps, log_every, checkpoint_every, stop_after)
         state, metrics = run_steps(state, data, key, step_fn=step_fn, select_fn=select_fn, num_steps=n,
                                    layout=layout)
         host = jax.device_get(metrics)  # the one sync per chunk
