@@ -1,7 +1,7 @@
 """Wall clock of the whole ``codex-jax run`` process on the built-in data, cold and warm,
 side by side with a reference measured in the same session; prints ONE JSON line.
 
-    python benchmarks/bench_cli.py [--repeats 3] [--against GIT_REF] [--table FILE.md]
+    python benchmarks/bench_cli.py [--repeats 3] [--against GIT_REF ...] [--table FILE.md]
 
 Every run is a fresh process (Python start-up, imports, data, every stage, run files):
   * cold: prepared data and record snapshots cached, JAX compilation cache empty
@@ -11,8 +11,8 @@ Runs alternate between this checkout and the references, so drift of the machine
 (10-30% on shared VMs) lands on both sides:
   * ``floor``: ``python -c "import jax; jax.numpy.zeros(1).block_until_ready()"``, the
     part of every run this library cannot remove (interpreter + JAX start-up);
-  * ``--against REF``: the same commands on another commit of this repository (a git
-    worktree, the same virtual environment), e.g. the commit before a speed change.
+  * ``--against REF`` (repeatable): the same commands on another commit of this repository
+    (a git worktree, the same virtual environment), e.g. the commit before a speed change.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def measure(tree: pathlib.Path, work: pathlib.Path, results: dict, name: str) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--against", metavar="GIT_REF", help="also time this commit of the repository")
+    ap.add_argument("--against", metavar="GIT_REF", action="append", default=[],
+                    help="also time this commit of the repository (repeatable)")
     ap.add_argument("--table", metavar="FILE.md", help="also write a markdown table")
     args = ap.parse_args()
     if args.repeats < 1:
@@ -78,11 +79,11 @@ def main() -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="codex-jax-bench-cli-"))
     trees = {"this": ROOT}
     try:
-        if args.against:
-            ref = work / "ref-tree"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(ref), args.against],
+        for i, ref_name in enumerate(args.against):
+            ref = work / f"ref-tree-{i}"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(ref), ref_name],
                            check=True, capture_output=True)
-            trees[f"at {args.against}"] = ref
+            trees[f"at {ref_name}"] = ref
         results: dict = {}
         floor_env = {**os.environ}
         floor_env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -108,8 +109,8 @@ def main() -> int:
                 f"CPU: {record['cpu']} ({record['cores']} cores), {args.repeats} alternating repeats\n\n"
                 + "\n".join(rows) + "\n")
     finally:
-        if args.against:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "ref-tree")],
+        for i in range(len(args.against)):
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / f"ref-tree-{i}")],
                            capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
