@@ -52,7 +52,7 @@ def test_the_run_calls_the_loops_compiled_ahead(caplog, monkeypatch):
     monkeypatch.setenv("CODEX_JAX_PRECOMPILE", "0")  # the run itself compiles nothing ahead
     # control: loops never compiled in this process are compiled by the run (3: SFT, RM, PPO)
     assert _loop_compiles(caplog, _config(5), precompiled=False)[0] == 3
-    # compiled ahead from placeholder parameters: the run's calls find every one
+    # compiled ahead from stand-in parameters: the run's calls find every one
     assert _loop_compiles(caplog, _config(7), precompiled=True)[0] == 0
 
 

@@ -3,10 +3,12 @@
 A cold run of the symbolic pipeline spends most of its time in XLA compilation, one
 program after another, on one core: the PPO loop alone takes ~3 s, the reward model's
 ~1.4 s.  XLA compiles without holding Python's GIL, so a second thread can compile the
-loops of later stages while the main thread compiles and runs the earlier ones.
+loops of later stages while the main thread compiles and runs the earlier ones.  (XLA
+already keeps ~1.4 of 2 cores busy compiling one program, so on 2 cores this buys ~1 s
+of a 15 s cold run, not half; see the README's Speed section.)
 
 The thread needs only each loop's argument shapes, not its values: it runs each
-stage's ``setup`` on placeholder parameters of the stages before it (their set-up
+stage's ``setup`` on stand-in parameters of the stages before it (their set-up
 states, which have the shapes of their trained ones), then ``run_steps.lower(...)
 .compile()`` for the first chunk the host loop will call.  When the main thread comes
 to a stage it ``claim``s it: it waits for that compilation if it has started, else
@@ -81,7 +83,7 @@ class Precompiler:
             except Exception as err:  # noqa: BLE001 - the main thread meets (and reports) it itself
                 log.debug("precompile: %s set-up failed: %r", stage.label, err)
                 return
-            params[stage.name] = stage.module.export(setup.state)  # placeholders for later stages
+            params[stage.name] = stage.module.export(setup.state)  # stand-ins (same shapes) for later stages
             if setup.total == 0:
                 continue
             with self._lock:
