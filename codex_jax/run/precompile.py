@@ -1,7 +1,7 @@
 """Compiling later stages' training loops in a background thread while earlier stages run.
 
 A cold run of the symbolic pipeline spends most of its time in XLA compilation, one
-program after another, on one core: the PPO loop alone takes ~3 s, the reward model's
+program at a time: the PPO loop alone takes ~3 s, the reward model's
 ~1.4 s.  XLA compiles without holding Python's GIL, so a second thread can compile the
 loops of later stages while the main thread compiles and runs the earlier ones.  (XLA
 already keeps ~1.4 of 2 cores busy compiling one program, so on 2 cores this buys ~1 s
