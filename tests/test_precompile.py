@@ -67,3 +67,19 @@ def test_a_run_with_loops_compiled_ahead_is_bitwise_the_run_without(monkeypatch)
         for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(out["1"]["params"][stage])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert out["0"]["metrics"] == out["1"]["metrics"]
+
+
+def test_compiling_ahead_is_for_the_symbolic_family_on_one_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from codex_jax.run.precompile import wanted
+
+    monkeypatch.delenv("CODEX_JAX_PRECOMPILE", raising=False)
+    ctx = lambda exact, host=None: SimpleNamespace(family=SimpleNamespace(exact_objective=exact),  # noqa: E731
+                                                   host_reward=host)
+    assert wanted(ctx(print), None)
+    assert not wanted(ctx(None), None)  # the transformer: minutes of compute, more memory
+    assert not wanted(ctx(print, host=object()), None)  # an execution reward
+    assert not wanted(ctx(print), layout=object())  # a device mesh
+    monkeypatch.setenv("CODEX_JAX_PRECOMPILE", "0")
+    assert not wanted(ctx(print), None)
