@@ -12,7 +12,7 @@ from conftest import TINY_CONFIG, TINY_RECORDS
 
 from codex_jax.config import PipelineConfig, from_dict
 from codex_jax.data.records import Corpus, Dataset, Demos, Prefs
-from codex_jax.run.driver import Runner, make_context, prepare, run_stages
+from codex_jax.run.driver import Runner, make_context, prepare, run_stages, stage_keys
 from codex_jax.run.precompile import Precompiler
 
 DATASET = Dataset(
@@ -39,7 +39,7 @@ def _loop_compiles(caplog, cfg: PipelineConfig, precompiled: bool) -> tuple[int,
     tokenizer, enc = prepare(DATASET, cfg)
     if precompiled:
         ctx = make_context(enc, tokenizer, cfg)
-        ahead = Precompiler(ctx)
+        ahead = Precompiler(ctx, stage_keys(cfg))
         ahead.wait()
         ahead.close()
     caplog.clear()

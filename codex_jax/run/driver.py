@@ -186,7 +186,8 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     keys = stage_keys(cfg)
     ctx = make_context(enc, tokenizer, cfg, place=runner.place)
     if wanted(ctx, runner.layout):
-        runner.ahead = Precompiler(ctx, checkpoint_every=cfg.checkpoint_every, stop_after=runner.stop_after)
+        runner.ahead = Precompiler(ctx, stage_keys(cfg), checkpoint_every=cfg.checkpoint_every,
+                                   stop_after=runner.stop_after)
     params: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}

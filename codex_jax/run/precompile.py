@@ -8,7 +8,7 @@ already keeps ~1.4 of 2 cores busy compiling one program, so on 2 cores this buy
 of a 15 s cold run, not half; see the README's Speed section.)
 
 The thread needs only each loop's argument shapes, not its values: it runs each
-stage's ``setup`` with a stand-in key on stand-in parameters of the stages before it (their set-up
+stage's ``setup`` on stand-in parameters of the stages before it (their set-up
 states, which have the shapes of their trained ones), then ``run_steps.lower(...)
 .compile()`` for the first chunk the host loop will call.  When the main thread comes
 to a stage it ``claim``s it: it waits for that compilation if it has started, else
@@ -30,7 +30,6 @@ from typing import Any
 
 import jax
 
-from codex_jax.core.keys import split_seed
 from codex_jax.core.scan import run_steps
 from codex_jax.run.train import chunk_length
 from codex_jax.stages.table import pipeline_stages
@@ -41,8 +40,12 @@ log = logging.getLogger(__name__)
 class Precompiler:
     """Compiles the training loops of ``ctx``'s stages ahead, in one background thread."""
 
-    def __init__(self, ctx: Any, *, checkpoint_every: int = 0, stop_after: tuple[str, int] | None = None):
-        self._ctx = ctx
+    def __init__(self, ctx: Any, keys: dict[str, jax.Array], *, checkpoint_every: int = 0,
+                 stop_after: tuple[str, int] | None = None):
+        """``keys``: the stage keys as arrays of the thread's own (``driver.stage_keys``
+        called again), never the run's: the thread's set-ups consume them, and JAX's
+        key-reuse checker would see a key the run splits split twice."""
+        self._ctx, self._keys = ctx, keys
         self._checkpoint_every, self._stop_after = checkpoint_every, stop_after
         self._lock = threading.Lock()
         self._claimed: set[str] = set()
@@ -74,18 +77,15 @@ class Precompiler:
     def _ahead(self) -> None:
         params: dict[str, Any] = {}
         stages = pipeline_stages(self._ctx.cfg)
-        # keys of the run's type but not the run's keys: a compiled program depends on a
-        # key's type, never its value, and the run's keys are the run's to consume (the
-        # key-reuse checker would see two set-ups split one key); ``ctx.cache`` is shared
-        # with the main thread: data only, the same arrays whichever thread builds them
-        stand_in = dict(zip([s.label for s in stages], split_seed(0, len(stages))))
+        # ``ctx.cache`` is shared with the main thread: data only, the same arrays
+        # whichever thread builds them
         for stage in stages:
             with self._lock:
                 if self._closed:
                     return
             try:
                 setup = stage.module.setup(dataclasses.replace(self._ctx, params=dict(params)),
-                                           stand_in[stage.label])
+                                           self._keys[stage.label])
             except Exception as err:  # noqa: BLE001 - the main thread meets (and reports) it itself
                 log.debug("precompile: %s set-up failed: %r", stage.label, err)
                 return
