@@ -13,6 +13,7 @@ Every stage module exports, besides its pure ``init`` / ``select_batch`` / ``ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -58,6 +59,14 @@ class Setup:
 def floats(tree: Mapping[str, Any]) -> dict[str, float]:
     """Host floats of a dict of scalars (one device_get)."""
     return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(tree)).items()}
+
+
+@functools.partial(jax.jit, static_argnames=("evaluate", "family"))
+def evaluate_many(evaluate: Callable, family: Family, jobs: tuple) -> list[dict]:
+    """``[evaluate(params, family, data) for params, data in jobs]`` as one compiled
+    program: a report's evaluations (before / after, training / held-out data) cost one
+    trace, lowering and compilation instead of one per data set."""
+    return [evaluate(params, family, data) for params, data in jobs]
 
 
 def prefixed(prefix: str, tree: Mapping[str, Any]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import jax
 
 from codex_jax.core import keys
 from codex_jax.stages import lm
-from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets, prefixed
+from codex_jax.stages.context import Setup, StageContext, evaluate_many, floats, lm_datasets, prefixed
 
 init, select_batch, step, evaluate = lm.init, lm.select_batch, lm.step, lm.evaluate
 SHOW = ("loss",)
@@ -26,11 +26,12 @@ def setup(ctx: StageContext, key: jax.Array) -> Setup:
 
 def report(ctx: StageContext, setup_: Setup, state) -> dict:
     data, enc = lm_datasets(ctx), ctx.enc
+    sets = [data[name] for name in ("corpus", "heldout_corpus") if data[name] is not None]
+    scores = evaluate_many(evaluate, ctx.family, tuple((state.params, d) for d in sets))
     out = {"mode": ctx.cfg.pretrain.mode, "corpus_tokens": enc.num_corpus_tokens,
-           **floats(evaluate(state.params, ctx.family, data["corpus"])), "skipped_updates": int(state.skipped)}
+           **floats(scores[0]), "skipped_updates": int(state.skipped)}
     if data["heldout_corpus"] is not None:
-        out.update(prefixed("heldout_", evaluate(state.params, ctx.family, data["heldout_corpus"])),
-                   heldout_tokens=int(enc.heldout_corpus_mask.sum()))
+        out.update(prefixed("heldout_", scores[1]), heldout_tokens=int(enc.heldout_corpus_mask.sum()))
     return out
 
 

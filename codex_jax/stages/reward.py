@@ -22,7 +22,7 @@ from codex_jax.core.optim import apply_gradients, make_optimizer
 from codex_jax.core.state import TrainState, init_state
 from codex_jax.errors import DataError
 from codex_jax.models.family import Family, reward_score
-from codex_jax.stages.context import Setup, StageContext, prefixed
+from codex_jax.stages.context import Setup, StageContext, evaluate_many, prefixed
 
 PAIR_FIELDS = ("prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask")
 
@@ -107,11 +107,12 @@ def setup(ctx: StageContext, key: jax.Array) -> Setup:
 
 def report(ctx: StageContext, setup_: Setup, state) -> dict:
     train, held = setup_.data, setup_.extra["heldout"]
+    sets = [train] + ([ctx.place(keys.to_device(held))] if held["chosen"].shape[0] else [])
+    scores = evaluate_many(evaluate, ctx.family, tuple((state.params, d) for d in sets))
     out = {"train_pairs": int(train["chosen"].shape[0]), "heldout_pairs": int(held["chosen"].shape[0]),
-           "skipped_updates": int(state.skipped), **prefixed("train_", evaluate(state.params, ctx.family, train))}
-    if held["chosen"].shape[0]:
-        held = ctx.place(keys.to_device(held))
-        out.update(prefixed("heldout_", evaluate(state.params, ctx.family, held)))
+           "skipped_updates": int(state.skipped), **prefixed("train_", scores[0])}
+    if len(scores) > 1:
+        out.update(prefixed("heldout_", scores[1]))
     return out
 
 

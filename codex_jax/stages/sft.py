@@ -9,7 +9,7 @@ import jax
 
 from codex_jax.core import keys
 from codex_jax.stages import lm
-from codex_jax.stages.context import Setup, StageContext, floats, lm_datasets
+from codex_jax.stages.context import Setup, StageContext, evaluate_many, floats, lm_datasets
 
 init, select_batch, step, evaluate = lm.init, lm.select_batch, lm.step, lm.evaluate
 SHOW = ("loss",)
@@ -23,15 +23,15 @@ def setup(ctx: StageContext, key: jax.Array) -> Setup:
 
 
 def report(ctx: StageContext, setup_: Setup, state) -> dict:
-    data, fam, m0 = lm_datasets(ctx), ctx.family, ctx.params["M0"]
-    out = {"demo_nll_before": floats(evaluate(m0, fam, data["demos"]))["nll"],
-           "demo_nll_after": floats(evaluate(state.params, fam, data["demos"]))["nll"],
-           "skipped_updates": int(state.skipped)}
+    data, m0 = lm_datasets(ctx), ctx.params["M0"]
     held = data["heldout_demos"]
+    sets = [data["demos"]] + ([held] if held is not None else [])
+    nll = [floats(s)["nll"] for s in evaluate_many(evaluate, ctx.family,
+                                                   tuple((p, d) for d in sets for p in (m0, state.params)))]
+    out = {"demo_nll_before": nll[0], "demo_nll_after": nll[1], "skipped_updates": int(state.skipped)}
     if held is not None:
-        out.update(heldout_demos=int(held["tokens"].shape[0]),
-                   heldout_demo_nll_before=floats(evaluate(m0, fam, held))["nll"],
-                   heldout_demo_nll_after=floats(evaluate(state.params, fam, held))["nll"])
+        out.update(heldout_demos=int(held["tokens"].shape[0]), heldout_demo_nll_before=nll[2],
+                   heldout_demo_nll_after=nll[3])
     return out
 
 
