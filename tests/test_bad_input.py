@@ -350,7 +350,7 @@ GROUP_RL = {**{k: (INT, 1) for k in ("iterations", "rollouts", "response_len", "
             "kl_guard": (CHOICE, ("stop", "skip")), "unsafe_tokens": (TOKENS,), "clip": (FLOAT, 0.0, INF, True)}
 SECTIONS = {
     "": {"seed": (INT, 0), "model": (CHOICE, ("unigram", "transformer")), "checkpoint_every": (INT, 0),
-         "algorithm": (CHOICE, ("ppo", "grpo", "rloo", "dpo")),
+         "checkpoint_min_seconds": (FLOAT, 0.0, INF, False), "algorithm": (CHOICE, ("ppo", "grpo", "rloo", "dpo")),
          "max_consecutive_skips": (INT, 1)},
     "data": {"context_len": (INT, 2), "max_prompt_len": (INT, 2), "max_response_len": (INT, 2),
              "heldout_fraction": (FLOAT, 0.0, 0.5, False)},

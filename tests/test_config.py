@@ -62,6 +62,7 @@ INT_FIELDS = [
 
 # (class, field, low, high, low_open)
 FLOAT_FIELDS = [
+    (PipelineConfig, "checkpoint_min_seconds", 0.0, INF, False),
     (OptimConfig, "lr", 0.0, INF, True),
     (OptimConfig, "final_lr_fraction", 0.0, 1.0, False),
     (OptimConfig, "weight_decay", 0.0, INF, False),

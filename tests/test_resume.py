@@ -18,6 +18,7 @@ import pytest
 from conftest import write_dataset
 
 from codex_jax.config import LMConfig, PipelineConfig, from_dict
+from codex_jax.core.scan import run_steps
 from codex_jax.data.records import load_dataset
 from codex_jax.models import symbolic
 from codex_jax.run import train as loop
@@ -28,6 +29,7 @@ from codex_jax.stages import lm
 STEPS = {"pretrain": 6, "sft": 6, "reward": 6, "ppo": 6}
 RESUME_CONFIG = {
     "checkpoint_every": 2,
+    "checkpoint_min_seconds": 0,  # every boundary saves: the kill points count saves
     "tokenizer": {"max_size": 64},
     "data": {"context_len": 8},
     "pretrain": {"mode": "gradient", "steps": 6, "batch_size": 2, "log_every": 2, "smoothing": 0.1},
@@ -190,3 +192,36 @@ def test_a_background_save_commits_what_a_blocking_one_does_and_reports_its_erro
     broken.save(1, state, {}, block=False)  # returns before the write fails
     with pytest.raises(OSError, match="disk full"):
         broken.close()  # the error surfaces where the run waits for the save
+
+
+@pytest.mark.parametrize("min_seconds, seconds_per_chunk, saved", [
+    (0.0, 1.0, [2, 4, 6, 8, 10, 12]),  # every checkpoint_every boundary
+    (30.0, 1.0, [12]),  # a quick stage: its end only
+    (3.0, 1.0, [4, 8, 12]),  # the first boundary at least 3 s after the start or the last save
+    (5.0, 2.0, [4, 8, 12]),
+    (3.0, 2.0, [2, 4, 6, 8, 10, 12]),  # 4 s between boundaries
+])
+def test_intermediate_checkpoints_wait_for_checkpoint_min_seconds(monkeypatch, min_seconds, seconds_per_chunk,
+                                                                  saved):
+    """The clock picks which boundaries are saved (the end always is), never the chunks:
+    the final state is the same whichever were saved."""
+    clock = {"now": 100.0}
+
+    def tick(state, data, key, **kw):  # each chunk of steps "takes" seconds_per_chunk
+        clock["now"] += seconds_per_chunk
+        return run_steps(state, data, key, **kw)
+
+    monkeypatch.setattr(loop, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(loop, "run_steps", tick)
+    fam, cfg = symbolic.unigram_family(10), LMConfig(steps=12, batch_size=2, log_every=1)
+    ids = jnp.arange(16, dtype=jnp.int32).reshape(4, 4) % 10
+    data = lm.make_data(ids, jnp.ones((4, 4)), 2, 0.0)
+    steps = []
+    final, records = loop.train(lm.init(jax.random.key(0), cfg, fam), data, jax.random.key(1), total_steps=12,
+                                log_every=1, step_fn=lm.step, select_fn=lm.select_batch, label="sft",
+                                progress=False, checkpoint_every=2, checkpoint_min_seconds=min_seconds,
+                                on_checkpoint=lambda st: steps.append(int(st.step)))
+    assert steps == saved and len(records) == 12
+    reference, _ = loop.train(lm.init(jax.random.key(0), cfg, fam), data, jax.random.key(1), total_steps=12,
+                              log_every=12, step_fn=lm.step, select_fn=lm.select_batch, label="sft", progress=False)
+    chex.assert_trees_all_equal(final.params, reference.params)

@@ -100,6 +100,10 @@ class PipelineConfig:
     model: str = "unigram"
     algorithm: str = "ppo"  # M2 by "ppo" | "grpo" (also Dr. GRPO) | "rloo" | "dpo"
     checkpoint_every: int = 100  # steps between resumable checkpoints (0: stage ends only)
+    # an intermediate checkpoint is written only once this many seconds have passed since the
+    # stage's last one (or its start), so a stage of a few seconds saves its end only; a
+    # crash loses at most this much work.  0: at every checkpoint_every steps
+    checkpoint_min_seconds: float = 30.0
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()  # the regex tokenizer (unigram model)
@@ -120,6 +124,7 @@ class PipelineConfig:
         if self.seed >= 2**32:  # jax.random.key keeps 32 bits: larger seeds would collide
             raise ConfigError(f"PipelineConfig.seed must be < 2**32, got {self.seed!r}")
         check_int(self, "checkpoint_every", minimum=0)
+        check_float(self, "checkpoint_min_seconds", low=0.0)
         check_int(self, "max_consecutive_skips", minimum=1)
         check_choice(self, "model", MODELS)
         check_choice(self, "algorithm", ALGORITHMS)

@@ -147,6 +147,7 @@ class Runner:
                     state, data, key, total_steps=total, log_every=log_every, step_fn=stage.module.step,
                     select_fn=stage.module.select_batch, label=label, log=self.log, show=stage.show,
                     progress=self.progress, checkpoint_every=self.cfg.checkpoint_every,
+                    checkpoint_min_seconds=self.checkpoint_min_seconds,
                     on_checkpoint=(lambda st: self.save(ckpt, st, meta)) if ckpt else None,
                     stop_after=stop, check=self.guard(stage), layout=self.layout)
         except BaseException:
@@ -156,6 +157,12 @@ class Runner:
         if ckpt is not None:  # its last save goes on while the next stage starts; close() waits
             self._open.append(ckpt)
         return state
+
+    @property
+    def checkpoint_min_seconds(self) -> float:
+        # multi-process saves are collective: a clock-based choice could differ between
+        # processes and leave one waiting for the others, so there every boundary saves
+        return self.cfg.checkpoint_min_seconds if jax.process_count() == 1 else 0.0
 
     def save(self, ckpt: StageCheckpointer, state: Any, meta: dict) -> None:
         # records up to this step must be on disk before the checkpoint that makes a

@@ -8,6 +8,7 @@ checkpoints and updates the progress display (tqdm: rate and ETA).
 from __future__ import annotations
 
 import sys
+from time import monotonic
 from typing import Any, Callable
 
 import jax
@@ -67,6 +68,7 @@ def train(
     show: tuple[str, ...] = ("loss",),
     progress: bool = True,
     checkpoint_every: int = 0,
+    checkpoint_min_seconds: float = 0.0,
     on_checkpoint: Callable[[Any], None] | None = None,
     stop_after: int | None = None,
     check: Callable[[list[dict], Any], None] | None = None,
@@ -77,8 +79,10 @@ def train(
     Chunks end on multiples of ``log_every`` and ``checkpoint_every`` (absolute steps,
     so a resumed run cuts the same chunks).  After each chunk: metrics come to the
     host once, each record {"stage", "step", **metrics} goes to ``log``, ``check``
-    may raise (numerical guards), and ``on_checkpoint(state)`` runs at checkpoint
-    steps and at the end.  ``stop_after`` saves and raises ``StopRequested``.
+    may raise (numerical guards), and ``on_checkpoint(state)`` runs at the end and at
+    checkpoint steps at least ``checkpoint_min_seconds`` after the previous save (or the
+    start): the chunks, and so the results, never depend on the clock, only which
+    boundaries are saved does.  ``stop_after`` saves and raises ``StopRequested``.
     ``layout`` runs the chunks on a device mesh (see ``codex_jax.core.sharding``).
     """
     if layout is not None:  # a no-op for arrays already laid out this way
@@ -86,6 +90,7 @@ def train(
     step = int(state.step)
     bar = Progress(label, total_steps, enabled=progress, initial=step)
     records: list[dict] = []
+    last_save = monotonic()
     while step < total_steps:
         n = chunk_length(step, total_steps, log_every, checkpoint_every, stop_after)
         state, metrics = run_steps(state, data, key, step_fn=step_fn, select_fn=select_fn, num_steps=n,
@@ -102,9 +107,11 @@ def train(
         step += n
         if check is not None:
             check(chunk, state)
-        at_checkpoint = step == total_steps or (checkpoint_every and step % checkpoint_every == 0)
-        if on_checkpoint is not None and (at_checkpoint or step == stop_after):
+        due = bool(checkpoint_every) and step % checkpoint_every == 0 and (
+            monotonic() - last_save >= checkpoint_min_seconds)
+        if on_checkpoint is not None and (step == total_steps or step == stop_after or due):
             on_checkpoint(state)
+            last_save = monotonic()
         bar.update(step, {k: chunk[-1][k] for k in show if k in chunk[-1]})
         if step == stop_after:
             raise StopRequested(f"{label} stopped after step {step}")
