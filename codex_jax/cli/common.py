@@ -26,6 +26,19 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def settle_gc() -> None:
+    """Before a command's long work: what is alive now (modules, functions, the data) is
+    moved out of the collector's reach, and young objects are collected 30x less often.
+    Tracing a program makes hundreds of thousands of short-lived objects; with the
+    defaults a run did ~460 collections, three of them full ones over the whole heap of
+    JAX's modules (0.03-0.1 s each): 0.37 s of a 5.8 s run.  Command-line processes only;
+    the library leaves the collector as its caller set it."""
+    import gc
+
+    gc.freeze()  # no collect() first: after the imports it finds nothing (and takes 0.07 s)
+    gc.set_threshold(20_000, 20, 20)
+
+
 def load_dataset(source: str | None, cfg=None):
     """A user's directory, the built-in default data (source None or "default"), or the
     built-in task set of ``cfg.tasks`` (source "tasks")."""

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from codex_jax.cli.common import enable_compilation_cache, load_dataset, prepared_cache_dir
+from codex_jax.cli.common import enable_compilation_cache, load_dataset, prepared_cache_dir, settle_gc
 from codex_jax.errors import CodexError
 
 
@@ -84,6 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg = with_tasks(cfg)
         dataset = load_dataset("tasks" if cfg.tasks.enabled else args.data, cfg)
     enable_compilation_cache()
+    settle_gc()
     try:
         summary = run_pipeline(dataset, cfg, out, progress=not args.quiet, resume=args.resume is not None,
                                stop_after=stop_after, layout=layout() if layout else None,
