@@ -33,6 +33,8 @@ SETTINGS = {
                               "the scheduler that overlaps independent ops"),
     "xnnpack+scheduler": ({"XLA_FLAGS": "--xla_cpu_use_xnnpack=true "
                            "--xla_cpu_enable_concurrency_optimized_scheduler=true"}, "both of the above"),
+    "legacy_emitters": ({"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false"},
+                        "XLA's older loop-fusion code generation (compiles faster)"),
     "one_thread": ({"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"},
                    "single-threaded Eigen (a thread-count check)"),
 }

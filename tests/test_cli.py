@@ -108,6 +108,7 @@ def test_summary(run_dir):
     assert all(HEX64.fullmatch(summary["fingerprints"][s]) for s in STAGES)
     versions = summary["versions"]
     assert versions["jax"] and versions["numpy"] and versions["python"]
+    assert summary["xla_compile_options"] == {"xla_cpu_use_fusion_emitters": False}  # the unigram family's
     assert summary["timings_s"]["total"] > 0
 
 
@@ -143,6 +144,7 @@ def test_manifest(run_dir, tiny_config_path):
     manifest = read_json(run / "manifest.json")
     cfg = load_config(tiny_config_path, seed=0)
     assert manifest["seed"] == 0 and manifest["config_hash"] == cfg.config_hash()
+    assert manifest["xla_compile_options"] == {"xla_cpu_use_fusion_emitters": False}
     assert set(manifest["stages"]) == set(STAGES)
     for stage in STAGES:
         entry = manifest["stages"][stage]

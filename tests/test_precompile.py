@@ -45,7 +45,7 @@ def _loop_compiles(caplog, cfg: PipelineConfig, precompiled: bool) -> tuple[int,
     caplog.clear()
     with caplog.at_level(logging.WARNING), jax.log_compiles():
         res = run_stages(enc, tokenizer, cfg, Runner(cfg=cfg, progress=False))
-    return sum("Compiling jit(run_steps)" in r.getMessage() for r in caplog.records), res
+    return sum("Compiling jit(scan_steps)" in r.getMessage() for r in caplog.records), res
 
 
 def test_the_run_calls_the_loops_compiled_ahead(caplog, monkeypatch):

@@ -51,6 +51,9 @@ class Family(NamedTuple):
     # whether init_policy / init_reward / init_value use their key (a seed-independent
     # init makes a full-batch stage seed-independent: the audit must know)
     random_init: bool = False
+    # XLA compiler options for the programs of this family's math, on CPU (core.compile):
+    # ((name, value), ...); () = XLA's defaults
+    compile_options: tuple = ()
 
 
 def reward_score(family: Family, params, prompt, prompt_mask, response, response_mask):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from codex_jax.core import kernels
+from codex_jax.core.compile import LEGACY_FUSION_EMITTERS
 from codex_jax.models.family import Family
 
 
@@ -148,4 +149,6 @@ def unigram_family(vocab_size: int) -> Family:
         reward_l2=reward_l2,
         fit_exact=fit_exact,
         exact_objective=exact_objective,
+        # its programs are small and quick: a run is mostly their compilation (core.compile)
+        compile_options=LEGACY_FUSION_EMITTERS,
     )

@@ -17,6 +17,7 @@ import numpy as np
 
 from codex_jax.config.checks import sha256_json
 from codex_jax.config.pipeline import PipelineConfig
+from codex_jax.core.compile import family_options, jit_for
 from codex_jax.core.keys import split_seed
 from codex_jax.data.encode import EncodedData, encode_dataset
 from codex_jax.data.records import Dataset
@@ -224,7 +225,7 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
             runner.close()
     exact = ctx.family.exact_objective is not None
     return {"params": params, "metrics": metrics, "timings": timings, "seed_use": seed_use(ctx),
-            "functional": functional,
+            "functional": functional, "compile_options": dict(family_options(ctx.family)),
             "keys": {k: key_data(v) for k, v in keys.items()}, "objective": objective(cfg, metrics, exact),
             "samples": samples(ctx, tokenizer, params, keys["data"], pipeline_stages(cfg)[-1].config(cfg))}
 
@@ -252,15 +253,19 @@ def held_out_pass_at_k(ctx: StageContext, tokenizer, params: dict, key: jax.Arra
             "isolation": isolation, "stages": out["stages"], "difference": out["difference"]}
 
 
+def draw_samples(params, key, prompt, pmask, *, family, length: int):
+    return family.sample(params, jax.random.fold_in(key, 7), prompt, pmask, length, 1.0)
+
+
 def samples(ctx: StageContext, tokenizer, params: dict, key: jax.Array, rl_cfg: Any, n: int = 8) -> list:
     """A few completions of the same demonstration prompts by M1 and M2 (decoded)."""
     prompt, pmask = ctx.enc.prompt[:n], ctx.enc.prompt_mask[:n]
     length = getattr(rl_cfg, "response_len", ctx.cfg.ppo.response_len)
     out = []
     # one compiled program (key fold and temperature included), not op-by-op dispatch
-    draw = jax.jit(lambda p, k, pr, pm: ctx.family.sample(p, jax.random.fold_in(k, 7), pr, pm, length, 1.0))
+    draw = jit_for(draw_samples, ctx.family, static_argnames=("family", "length"))
     for stage in ("M1", "M2"):
-        ids = jax.device_get(draw(params[stage], key, prompt, pmask))
+        ids = jax.device_get(draw(params[stage], key, prompt, pmask, family=ctx.family, length=length))
         for i, row in enumerate(ids):
             p = np.asarray(prompt[i])[np.asarray(pmask[i]) > 0]
             out.append({"stage": stage, "prompt": tokenizer.decode(p.tolist()),

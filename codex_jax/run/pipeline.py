@@ -171,6 +171,8 @@ def _summary(dataset, cfg, tokenizer, results, hashes, fingerprints, mesh, resum
         "fingerprints": fingerprints,
         "timings_s": {**results["timings"], "total": time.perf_counter() - t_start},
         "versions": environment(),
+        # XLA options the family's programs were compiled with (core.compile): they set rounding
+        "xla_compile_options": results["compile_options"],
     }
 
 
@@ -184,7 +186,7 @@ def _write_run_files(out, dataset, cfg, tokenizer, results, hashes, fingerprints
     manifest = {
         "seed": cfg.seed, "model": cfg.model, "config_hash": cfg.config_hash(), "mesh": mesh,
         "tokenizer_fingerprint": tokenizer.fingerprint(), "data_source": dataset.source,
-        "environment": summary["versions"],
+        "environment": summary["versions"], "xla_compile_options": summary["xla_compile_options"],
         "stages": {s.name: {"label": s.label, "key_purpose": s.label, "key_data": results["keys"][s.label],
                             "config_hash": sha256_json(dataclasses.asdict(s.config(cfg))),
                             "data_hash": {d: hashes[d] for d in s.data},

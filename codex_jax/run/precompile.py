@@ -9,7 +9,7 @@ of a 15 s cold run, not half; see the README's Speed section.)
 
 The thread needs only each loop's argument shapes, not its values: it runs each
 stage's ``setup`` on stand-in parameters of the stages before it (their set-up
-states, which have the shapes of their trained ones), then ``run_steps.lower(...)
+states, which have the shapes of their trained ones), then ``steps_program(state).lower(...)
 .compile()`` for the first chunk the host loop will call.  When the main thread comes
 to a stage it ``claim``s it: it waits for that compilation if it has started, else
 the thread skips the stage (never two compilations of one program at once).  JAX
@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-from codex_jax.core.scan import run_steps
+from codex_jax.core.scan import steps_program
 from codex_jax.run.train import chunk_length
 from codex_jax.stages.table import pipeline_stages
 
@@ -99,8 +99,9 @@ class Precompiler:
             try:
                 stop = self._stop_after[1] if self._stop_after and self._stop_after[0] == stage.label else None
                 n = chunk_length(0, setup.total, setup.log_every, self._checkpoint_every, stop)
-                run_steps.lower(setup.state, setup.data, setup.key, step_fn=stage.module.step,
-                                select_fn=stage.module.select_batch, num_steps=n, layout=None).compile()
+                args = (setup.state, setup.data, setup.key)
+                steps_program(*args).lower(*args, step_fn=stage.module.step, select_fn=stage.module.select_batch,
+                                           num_steps=n, layout=None).compile()
             except Exception as err:  # noqa: BLE001 - as above: the main thread's own call raises it
                 log.debug("precompile: %s loop failed: %r", stage.label, err)
             finally:

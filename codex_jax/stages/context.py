@@ -13,13 +13,13 @@ Every stage module exports, besides its pure ``init`` / ``select_batch`` / ``ste
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
 from codex_jax.config.pipeline import PipelineConfig
+from codex_jax.core.compile import jit_for
 from codex_jax.data.encode import EncodedData
 from codex_jax.models.family import Family
 from codex_jax.stages import lm
@@ -61,11 +61,15 @@ def floats(tree: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(tree)).items()}
 
 
-@functools.partial(jax.jit, static_argnames=("evaluate", "family"))
 def evaluate_many(evaluate: Callable, family: Family, jobs: tuple) -> list[dict]:
     """``[evaluate(params, family, data) for params, data in jobs]`` as one compiled
-    program: a report's evaluations (before / after, training / held-out data) cost one
-    trace, lowering and compilation instead of one per data set."""
+    program (with the family's compiler options): a report's evaluations (before / after,
+    training / held-out data) cost one trace, lowering and compilation instead of one per
+    data set."""
+    return jit_for(evaluate_all, family, jobs, static_argnames=("evaluate", "family"))(evaluate, family, jobs)
+
+
+def evaluate_all(evaluate: Callable, family: Family, jobs: tuple) -> list[dict]:
     return [evaluate(params, family, data) for params, data in jobs]
 
 
