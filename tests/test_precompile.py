@@ -83,3 +83,61 @@ def test_compiling_ahead_is_for_the_symbolic_family_on_one_device(monkeypatch):
     assert not wanted(ctx(print), layout=object())  # a device mesh
     monkeypatch.setenv("CODEX_JAX_PRECOMPILE", "0")
     assert not wanted(ctx(print), None)
+
+
+def test_while_the_rl_loop_compiles_the_main_thread_compiles_its_report_and_the_samples(caplog, monkeypatch):
+    """The thread is held inside the RL stage's loop compilation until the main thread's
+    work on the stand-ins is done: after it the main thread compiles nothing more (its
+    report, the samples and the loop all find their programs; ``jax.log_compiles`` is
+    thread-local, so only the main thread's compilations are logged), and the results are
+    those of a run without any of this."""
+    import dataclasses
+    import threading
+
+    from codex_jax.run import driver, precompile
+
+    base = _config(9)  # responses of 7 tokens: report and sample programs of shapes no other test compiles
+    cfg = dataclasses.replace(base, ppo=dataclasses.replace(base.ppo, response_len=7))
+    tokenizer, enc = prepare(DATASET, cfg)
+    holding, release, marks = threading.Event(), threading.Event(), []
+    real_program, real_meanwhile, real_work = precompile.steps_program, Precompiler.meanwhile, driver.compile_after_loop
+
+    class Held:  # the thread's RL loop compilation, held until the work is done
+        def __init__(self, program):
+            self.program = program
+
+        def lower(self, *args, **kwargs):
+            holding.set()
+            release.wait(120)
+            return self.program.lower(*args, **kwargs)
+
+    def program(state, *rest):
+        rl = getattr(state.cfg, "iterations", None) is not None
+        return Held(real_program(state, *rest)) if rl else real_program(state, *rest)
+
+    def meanwhile(self, label, work):
+        if label == "ppo":
+            assert holding.wait(120)
+        real_meanwhile(self, label, work)
+
+    def work(ctx, setup, **kwargs):
+        real_work(ctx, setup, **kwargs)
+        if kwargs["stage"].label == "ppo":
+            marks.append(len(caplog.records))
+            release.set()
+
+    monkeypatch.setattr(precompile, "steps_program", program)
+    monkeypatch.setattr(Precompiler, "meanwhile", meanwhile)
+    monkeypatch.setattr(driver, "compile_after_loop", work)
+    monkeypatch.setenv("CODEX_JAX_PRECOMPILE", "1")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        res = run_stages(enc, tokenizer, cfg, Runner(cfg=cfg, progress=False))
+    assert len(marks) == 1, "the work ran once for the RL stage"
+    before = [r.getMessage() for r in caplog.records[:marks[0]]]
+    after = [r.getMessage() for r in caplog.records[marks[0]:] if r.getMessage().startswith("Compiling")]
+    assert any("Compiling jit(draw_samples)" in m for m in before)  # on the stand-ins
+    assert after == []
+    monkeypatch.setenv("CODEX_JAX_PRECOMPILE", "0")
+    plain = run_stages(enc, tokenizer, cfg, Runner(cfg=cfg, progress=False))
+    assert plain["metrics"] == res["metrics"] and plain["samples"] == res["samples"]

@@ -8,6 +8,7 @@ it with the run directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from codex_jax.run.functional import functional_eval
 from codex_jax.run.guards import make_guard
 from codex_jax.run.precompile import Precompiler, wanted
 from codex_jax.run.tasks import task_problems
-from codex_jax.stages.context import StageContext
+from codex_jax.stages.context import Setup, StageContext
 from codex_jax.stages.table import Stage, objective, pipeline_stages
 
 
@@ -206,6 +207,9 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
             setup = stage.module.setup(ctx, keys[stage.label])
             state = setup.state
             if setup.total > 0:
+                if runner.ahead is not None:  # instead of waiting for the loop's compilation
+                    runner.ahead.meanwhile(stage.label, functools.partial(
+                        compile_after_loop, stage=stage, tokenizer=tokenizer, last=stage is pipeline_stages(cfg)[-1]))
                 state = runner.train(stage, state, setup.data, setup.key, total=setup.total,
                                      log_every=setup.log_every)
             params[stage.name] = stage.module.export(state)
@@ -228,6 +232,16 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
             "functional": functional, "compile_options": dict(family_options(ctx.family)),
             "keys": {k: key_data(v) for k, v in keys.items()}, "objective": objective(cfg, metrics, exact),
             "samples": samples(ctx, tokenizer, params, keys["data"], pipeline_stages(cfg)[-1].config(cfg))}
+
+
+def compile_after_loop(ctx: StageContext, setup: Setup, *, stage: Stage, tokenizer, last: bool) -> None:
+    """What a stage runs after its loop (its report; the samples after the last stage), on
+    stand-ins of the trained state's shapes (``Precompiler.meanwhile``), for the programs'
+    sake: the numbers are thrown away.  Keys are folded from the stand-in's own."""
+    stage.module.report(ctx, setup, setup.state)
+    if last:
+        params = {**ctx.params, stage.name: stage.module.export(setup.state)}
+        samples(ctx, tokenizer, params, jax.random.fold_in(setup.key, 1 << 20), stage.config(ctx.cfg))
 
 
 def held_out_pass_at_k(ctx: StageContext, tokenizer, params: dict, key: jax.Array) -> dict:

@@ -17,6 +17,11 @@ keeps the compiled program, in memory and in the persistent cache, under the sam
 the main thread's call looks up, so the call finds it; a guess that does not match
 (another chunk length after a resume, say) costs only the thread's time, never a
 result: what runs is always what the call itself would have compiled.
+
+A main thread that comes to a stage while the thread is still compiling its loop does
+not wait idle: ``meanwhile`` runs what the stage needs after its loop (its report, and
+the samples after the last stage) on the thread's stand-ins, compiling those programs
+for the real calls, and throws the numbers away.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class Precompiler:
         self._checkpoint_every, self._stop_after = checkpoint_every, stop_after
         self._lock = threading.Lock()
         self._claimed: set[str] = set()
-        self._started: dict[str, threading.Event] = {}
+        self._started: dict[str, threading.Event] = {}  # set when the stage's compilation has ended
+        self._standins: dict[str, tuple] = {}  # label -> (context, set-up) on stand-in parameters
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompile")
         self._done = self._pool.submit(self._ahead)
@@ -62,6 +68,22 @@ class Precompiler:
             started = self._started.get(label)
         if started is not None:
             started.wait()
+
+    def meanwhile(self, label: str, work) -> None:
+        """If stage ``label``'s loop is compiling in the thread right now, runs
+        ``work(ctx, setup)`` on the thread's stand-ins for that stage in the calling thread:
+        the main thread, which would otherwise wait for the loop, compiles what the stage
+        needs after it (its report; the samples after the last stage) on arguments of the
+        same shapes, so its later calls find those programs compiled.  Errors are only
+        logged: the main thread's own calls meet them."""
+        with self._lock:
+            started, standin = self._started.get(label), self._standins.get(label)
+        if started is None or started.is_set() or standin is None:
+            return
+        try:
+            work(*standin)
+        except Exception as err:  # noqa: BLE001
+            log.debug("precompile: %s work meanwhile failed: %r", label, err)
 
     def wait(self) -> None:
         """Until the thread has been through every stage (tests, benchmarks)."""
@@ -84,8 +106,8 @@ class Precompiler:
                 if self._closed:
                     return
             try:
-                setup = stage.module.setup(dataclasses.replace(self._ctx, params=dict(params)),
-                                           self._keys[stage.label])
+                ctx = dataclasses.replace(self._ctx, params=dict(params))
+                setup = stage.module.setup(ctx, self._keys[stage.label])
             except Exception as err:  # noqa: BLE001 - the main thread meets (and reports) it itself
                 log.debug("precompile: %s set-up failed: %r", stage.label, err)
                 return
@@ -96,6 +118,7 @@ class Precompiler:
                 if self._closed or stage.label in self._claimed:
                     continue
                 started = self._started[stage.label] = threading.Event()
+                self._standins[stage.label] = (ctx, setup)
             try:
                 stop = self._stop_after[1] if self._stop_after and self._stop_after[0] == stage.label else None
                 n = chunk_length(0, setup.total, setup.log_every, self._checkpoint_every, stop)
