@@ -14,7 +14,8 @@ rollouts of 16 tokens, reference = M1, safety penalty 5 per unsafe token).
 Every point is the exact (closed-form) KL(pi || ref) and the exact expected reward
 minus safety penalty of a final policy, per 16-token response; the black curve is the
 analytic frontier: the optimum pi_beta ∝ ref exp((w - s)/beta) for every beta, which no
-policy can beat (computed for seed 0's RM and reference; other seeds' differ slightly).
+policy can beat (drawn for seed 0's RM and reference; each point's gap below it,
+``gap_to_own_frontier``, is taken against its own seed's frontier).
 """
 
 from __future__ import annotations
@@ -59,24 +60,36 @@ def main() -> int:
         cfg = dataclasses.replace(base, ppo=dataclasses.replace(base.ppo, kl_target=t))
         adaptive[t] = sweep.run_sweep(enc, tokenizer, cfg, sweep.grid(seeds, {"ppo.kl_coef": inits}), progress=True)
 
-    # the analytic frontier for seed 0's reference and RM
-    i0 = 0
-    ref = sweep.member_params(fixed, "M1", i0)["logits"]
-    w = sweep.member_params(fixed, "RM", i0)["w"]
+    # the analytic frontier of each seed's own reference (M1) and RM (both depend on the seed only)
     s = np.zeros(enc.vocab_size, np.float32)
     s[driver.unsafe_ids(tokenizer, base.ppo.unsafe_tokens)] = base.ppo.safety_penalty
-    b = float(sweep.member_params(fixed, "RM", i0)["b"])
     betas = np.geomspace(0.02, 20, 80)
-    front = []
-    for beta in betas:
-        logits = symbolic.kl_regularised_optimum(ref, w, jnp.asarray(s), beta)
-        p = jax.nn.softmax(logits)
-        front.append((T * float(kernels.categorical_kl(logits, ref)), b + T * float(jnp.dot(p, w - s))))
-    front = np.asarray(front)
+
+    def frontier(i: int) -> np.ndarray:
+        """(KL, reward) of pi_beta for every beta, for member i's reference and RM.  [len(betas), 2]"""
+        ref = sweep.member_params(fixed, "M1", i)["logits"]
+        w = sweep.member_params(fixed, "RM", i)["w"]
+        b = float(sweep.member_params(fixed, "RM", i)["b"])
+        out = []
+        for beta in betas:
+            logits = symbolic.kl_regularised_optimum(ref, w, jnp.asarray(s), beta)
+            p = jax.nn.softmax(logits)
+            out.append((T * float(kernels.categorical_kl(logits, ref)), b + T * float(jnp.dot(p, w - s))))
+        return np.asarray(out)
+
+    fronts = {}
+    for i, m in enumerate(fixed["members"]):
+        fronts.setdefault(m.seed, frontier(i))
+    front = fronts[seeds[0]]
+
+    def gap(seed: int, kl: float, reward: float) -> float:
+        """How far below its own seed's frontier a point lies (KL falls as beta grows)."""
+        f = fronts[seed]
+        return float(np.interp(kl, f[::-1, 0], f[::-1, 1]) - reward)
 
     fig, axes = C.plt.subplots(1, 3, figsize=(15, 4.3))
     ax = axes[0]
-    ax.plot(front[:, 0], front[:, 1], color="k", linewidth=1, label="analytic optimum (seed 0)")
+    ax.plot(front[:, 0], front[:, 1], color="k", linewidth=1, label=f"analytic optimum (seed {seeds[0]})")
     record = {"setup": {"data": "default (Python standard library)", "config": "PipelineConfig() defaults"
                         + (", ppo.iterations=60" if args.quick else ""),
                         "iterations": base.ppo.iterations, "rollouts": base.ppo.rollouts, "response_len": T,
@@ -85,15 +98,16 @@ def main() -> int:
                         "reward": "exact E[RM score] - E[safety penalty] per response",
                         "kl": "exact T * KL(pi || ref) per response"},
               "fixed": {}, "adaptive": {}, "frontier": {"beta": betas.tolist(), "kl": front[:, 0].tolist(),
-                                                        "reward": front[:, 1].tolist()}}
+                                                        "reward": front[:, 1].tolist(), "seed": seeds[0]}}
     pts = []
     for c in fixed_coefs:
         idx = [i for i, m in enumerate(fixed["members"]) if m.settings_dict["ppo.kl_coef"] == c]
         kl, r = np.asarray([point(fixed, i) for i in idx]).T
         pts.append((kl.mean(), r.mean(), kl.std(), r.std()))
+        gaps = [gap(fixed["members"][i].seed, k, rr) for i, k, rr in zip(idx, kl, r)]
         record["fixed"][f"{c:g}"] = {"kl": C.stats(kl), "reward": C.stats(r),
-                                     "gap_to_frontier": float(np.interp(kl.mean(), front[::-1, 0], front[::-1, 1])
-                                                              - r.mean())}
+                                     # each member against the frontier of its own reference and RM
+                                     "gap_to_frontier": float(np.mean(gaps)), "gap_to_own_frontier": C.stats(gaps)}
     pts = np.asarray(pts)
     ax.errorbar(pts[:, 0], pts[:, 1], xerr=pts[:, 2], yerr=pts[:, 3], fmt="o-", color=C.COLORS[0],
                 markersize=4, capsize=2, label="fixed kl_coef (mean ± std)")
@@ -111,6 +125,7 @@ def main() -> int:
         record["adaptive"][f"{t:g}"] = {
             "kl": C.stats(kl), "reward": C.stats(r), "final_kl_coef": C.stats(final_coef),
             "sampled_kl_last_fifth": C.stats(tail),
+            "gap_to_own_frontier": C.stats([gap(m.seed, k, rr) for m, k, rr in zip(res["members"], kl, r)]),
             "members": [{"seed": m.seed, "initial_kl_coef": m.settings_dict["ppo.kl_coef"],
                          "final_kl_coef": fc, "kl": float(k), "reward": float(rr)}
                         for m, fc, k, rr in zip(res["members"], final_coef, kl, r)]}
