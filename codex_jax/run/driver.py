@@ -200,8 +200,9 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     params: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    stages = pipeline_stages(cfg)
     try:
-        for stage in pipeline_stages(cfg):
+        for stage in stages:
             t0 = time.perf_counter()
             ctx = dataclasses.replace(ctx, params=dict(params))
             setup = stage.module.setup(ctx, keys[stage.label])
@@ -209,7 +210,7 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
             if setup.total > 0:
                 if runner.ahead is not None:  # instead of waiting for the loop's compilation
                     runner.ahead.meanwhile(stage.label, functools.partial(
-                        compile_after_loop, stage=stage, tokenizer=tokenizer, last=stage is pipeline_stages(cfg)[-1]))
+                        compile_after_loop, stage=stage, tokenizer=tokenizer, last=stage is stages[-1]))
                 state = runner.train(stage, state, setup.data, setup.key, total=setup.total,
                                      log_every=setup.log_every)
             params[stage.name] = stage.module.export(state)
@@ -231,7 +232,7 @@ def run_stages(enc: EncodedData, tokenizer: Tokenizer, cfg: PipelineConfig, runn
     return {"params": params, "metrics": metrics, "timings": timings, "seed_use": seed_use(ctx),
             "functional": functional, "compile_options": dict(family_options(ctx.family)),
             "keys": {k: key_data(v) for k, v in keys.items()}, "objective": objective(cfg, metrics, exact),
-            "samples": samples(ctx, tokenizer, params, keys["data"], pipeline_stages(cfg)[-1].config(cfg))}
+            "samples": samples(ctx, tokenizer, params, keys["data"], stages[-1].config(cfg))}
 
 
 def compile_after_loop(ctx: StageContext, setup: Setup, *, stage: Stage, tokenizer, last: bool) -> None:
