@@ -268,6 +268,38 @@ def test_bfloat16_ppo_log_probs_and_policy_gradient_stay_within_tolerance_of_flo
     assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 0.05
 
 
+def _dot_eqns(jpr):
+    """Every dot_general of a jaxpr, sub-jaxprs (pjit, custom_vjp, scan) included."""
+    for eqn in jpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _dot_eqns(inner)
+
+
+@pytest.mark.parametrize("scalar_head", [False, True], ids=["policy", "critic"])
+def test_bfloat16_dense_matmuls_take_bf16_operands_and_return_float32(scalar_head):
+    """Under dtype = "bfloat16" each block's four dense matmuls (qkv, attention output,
+    MLP in and out) round their operands to bf16 and accumulate and return float32: the
+    form XLA CPU runs on bf16 instructions (a bf16 result is computed in float32 there).
+    Attention stays float32.  Under float32 every matmul is float32."""
+    bf16 = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, dtype="bfloat16")
+    params = _critic(tf.init_value, 3) if scalar_head else _policy()
+    prompt, pmask, response = _batch()
+    tokens, valid, positions, _ = tf.sequence(prompt, pmask, response)
+    for cfg in (bf16, CFG):
+        jaxpr = jax.make_jaxpr(lambda p: tf.hidden_states(cfg, V, p, tokens, valid, positions, scalar_head))(params)
+        dots = list(_dot_eqns(jaxpr.jaxpr))
+        operand_dtypes = [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots]
+        assert all(str(eqn.outvars[0].aval.dtype) == "float32" for eqn in dots)
+        want_bf16 = 4 * cfg.layers if cfg.dtype == "bfloat16" else 0
+        assert operand_dtypes.count(("bfloat16", "bfloat16")) == want_bf16
+        assert len(dots) == 6 * cfg.layers  # 4 dense + 2 attention einsums per block
+        assert operand_dtypes.count(("float32", "float32")) == len(dots) - want_bf16
+
+
 def test_top_k_one_is_greedy_decoding():
     cfg = TransformerConfig(layers=2, d_model=32, heads=4, context_len=32, top_k=1)
     params = _policy(CFG)

@@ -5,9 +5,14 @@ Model: token embedding (+ learned positions, or rotary in every attention layer)
 ``mlp_ratio * d_model``), a final LayerNorm and a head.  The LM head is TIED to the
 token embedding (logits = h @ E^T, computed in float32); reward and value models
 are separate transformers of the same config with a scalar head ``score_head``
-(Dense(1)) on the final hidden state.  Parameters are float32; activations use
-``cfg.dtype``; attention softmax, LayerNorm statistics and every log-softmax are
-float32.
+(Dense(1)) on the final hidden state.  Parameters are float32.  Under
+``cfg.dtype = "bfloat16"`` every matmul of a dense layer takes bf16 operands and
+accumulates and returns float32 (``mixed_dot``), so the residual stream, attention (and
+the KV cache), LayerNorm statistics, softmaxes and log-probs stay float32; only the
+matmul inputs are rounded to bf16.  On XLA CPU this is also what runs fast: a bf16 dot
+with a bf16 result, or one whose operand is transposed, is computed in float32 there
+after converting both operands, while bf16 x bf16 -> float32 in the plain [M, K] x [K, N]
+form runs on bf16 instructions (AVX-512 BF16 / AMX).
 
 How a prompt is read.  Prompts arrive right-padded (prompt_mask is a prefix of
 ones).  Every function reads the sequence
@@ -52,6 +57,22 @@ def _dtype(cfg: TransformerConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+def mixed_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """``lax.dot_general`` that accumulates and returns float32 whatever the operand dtype
+    (flax's ``Dense(dot_general=...)`` hook): bf16 operands, float32 result."""
+    del preferred_element_type
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=jnp.float32, **kwargs)
+
+
+def _dense_kwargs(cfg: TransformerConfig) -> dict:
+    """Dense-layer options of the compute dtype: float32 is flax's plain layer (its
+    programs unchanged); bf16 rounds the inputs and kernel and keeps a float32 result."""
+    if cfg.dtype == "bfloat16":
+        return {"dtype": jnp.bfloat16, "dot_general": mixed_dot}
+    return {"dtype": jnp.float32}
+
+
 def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
     """Rotary position embedding ("rotate half" form).  x [B, H, L, hd], positions [B, L]."""
     half = x.shape[-1] // 2
@@ -79,9 +100,9 @@ class Block(nn.Module):
         row, but queries, the attention output and the MLP run on the Q rows only.
         -> [B, Q, D] then, else [B, L, D].
         """
-        cfg, dt = self.cfg, _dtype(self.cfg)
+        cfg, dt, dense = self.cfg, _dtype(self.cfg), _dense_kwargs(self.cfg)
         h = nn.LayerNorm(dtype=dt, name="ln_attn")(x)
-        qkv = nn.DenseGeneral((3, cfg.heads, cfg.head_dim), dtype=dt, name="qkv")(h)
+        qkv = nn.DenseGeneral((3, cfg.heads, cfg.head_dim), name="qkv", **dense)(h)  # f32
         q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # [B, H, L, hd]
         if cfg.positions == "rotary":
             q, k = rotary(q, positions), rotary(k, positions)
@@ -96,12 +117,12 @@ class Block(nn.Module):
             x = jnp.take_along_axis(x, read_idx[..., None], axis=1)  # [B, Q, D]
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(attn_mask[:, None], scores / math.sqrt(cfg.head_dim), NEG_INF)
-        weights = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v.astype(dt)), 1, 2)
-        x = x + nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=dt, name="attn_out")(out)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+        x = x + nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="attn_out", **dense)(out)
         h = nn.LayerNorm(dtype=dt, name="ln_mlp")(x)
-        h = nn.gelu(nn.Dense(cfg.mlp_ratio * cfg.d_model, dtype=dt, name="mlp_in")(h))
-        return x + nn.Dense(cfg.d_model, dtype=dt, name="mlp_out")(h), cache
+        h = nn.gelu(nn.Dense(cfg.mlp_ratio * cfg.d_model, name="mlp_in", **dense)(h))
+        return x + nn.Dense(cfg.d_model, name="mlp_out", **dense)(h), cache
 
 
 class Transformer(nn.Module):
@@ -178,8 +199,8 @@ def init_params(cfg: TransformerConfig, vocab_size: int, key: jax.Array, scalar_
 
 def empty_cache(cfg: TransformerConfig, batch: int, length: int):
     """Zeroed KV cache: one (k, v) pair of [B, heads, length, head_dim] per layer."""
-    shape = (batch, cfg.heads, length, cfg.head_dim)
-    return tuple((jnp.zeros(shape, _dtype(cfg)), jnp.zeros(shape, _dtype(cfg)))
+    shape = (batch, cfg.heads, length, cfg.head_dim)  # float32: attention runs in float32
+    return tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
                  for _ in range(cfg.layers))
 
 
