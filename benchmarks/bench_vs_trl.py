@@ -17,7 +17,7 @@ value network), each measured here in its own fresh process:
     framework itself; for codex-jax it includes XLA compiling the iteration, so the RSS
     after the timed iterations is printed beside it) and the process's wall time;
   * the matmul peak of each framework and dtype measured at the start, idle (n = 2048:
-    JAX ``jnp.dot``, torch ``torch.mm``), and every iteration's MFU = FLOPs counted pass by
+    JAX ``jnp.dot`` with a float32 result, torch ``torch.mm``), and every iteration's MFU = FLOPs counted pass by
     pass (bench_transformer.ppo_flops / grpo_flops) / seconds / that framework's peak for
     the dtype it ran in.
 
@@ -72,7 +72,9 @@ def jax_peaks(n: int) -> dict:
     for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         ka, kb = jax.random.split(jax.random.key(0))
         a, b = jax.random.normal(ka, (n, n), dt), jax.random.normal(kb, (n, n), dt)
-        dot = jax.jit(jnp.dot)
+        # float32 results, as the model's matmuls (transformer.mixed_dot): XLA CPU computes a
+        # bf16 dot with a bf16 result in float32, and would understate the bf16 peak
+        dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
         jax.block_until_ready(dot(a, b))
         ts = []
         for _ in range(7):
@@ -144,6 +146,9 @@ def table(r: dict) -> str:
                 f"JAX fp32 {jp['fp32']:.0f} / bf16 {jp['bf16']:.0f}; "
                 f"torch fp32 {tp['fp32']:.0f} / bf16 {tp['bf16']:.0f}. "
                 f"bf16 matmul instructions: {', '.join(r['bf16_hardware']) or 'none'}.")
+    for work, v in r.get("bf16_vs_trl_fastest", {}).items():
+        rows.append(f"{work}: codex-jax bf16 against TRL's fastest setting here ({v['trl_fastest_dtype']}): "
+                    f"**{v['ratio']:.2f}x**.")
     return "\n".join(rows)
 
 
@@ -186,13 +191,21 @@ def main(argv=None) -> dict:
                           "ratio": peer["iteration_s"] / ours["iteration_s"]})
             print(f"{work} {dtype}: codex-jax {ours['iteration_s']:.2f} s, TRL {peer['iteration_s']:.2f} s "
                   f"-> {pairs[-1]['ratio']:.2f}x", file=sys.stderr)
+    # the bf16 target compares with TRL's FASTEST setting on this machine, fp32 or bf16
+    vs_fastest = {}
+    for work in ("PPO", "GRPO"):
+        done = {p["dtype"]: p for p in pairs if p["work"] == work}
+        if "bf16" in done:
+            fastest = min(done.values(), key=lambda p: p["trl"]["iteration_s"])
+            vs_fastest[work] = {"trl_fastest_dtype": fastest["dtype"],
+                                "ratio": fastest["trl"]["iteration_s"] / done["bf16"]["codex_jax"]["iteration_s"]}
     sys.path.insert(0, str(HERE))
     from bench_transformer import cpu_model
 
     result = {"bench": "vs_trl", "quick": bool(args.quick), "cpu": cpu_model(), "cores": os.cpu_count(),
               "bf16_hardware": hardware, "dtypes_run": dtypes, "iterations": args.iterations,
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "matmul_n": n,
-              "matmul_peak_gflops": peaks, "pairs": pairs}
+              "matmul_peak_gflops": peaks, "pairs": pairs, "bf16_vs_trl_fastest": vs_fastest}
     if args.table:
         pathlib.Path(args.table).write_text(table(result) + "\n", encoding="utf-8")
     print(json.dumps(result))
