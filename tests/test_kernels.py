@@ -250,3 +250,50 @@ def test_fused_tied_head_runs_every_bfloat16_matmul_in_bfloat16():
     for eqn in found:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
         assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+
+
+# --------------------------------------------------------------------------- bf16 matmul
+def _bf16_round(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("k, n", [(24, 19), (19, 24)], ids=["dw-transposed", "x-transposed"])
+def test_mixed_matmul_forward_and_backward_are_bf16_products_accumulated_in_float32(jit, k, n):
+    """kernels.mixed_matmul: y = bf16(x) bf16(w), dx = bf16(g) bf16(w)^T, dw = bf16(x)^T bf16(g),
+    each accumulated in float32 (against float64 products of the rounded operands), the
+    backward's operands handed over as transposed copies (values unchanged)."""
+    key = jax.random.key(21)
+    x = jax.random.normal(key, (37, k), jnp.float32)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (k, n), jnp.float32)
+    g = jax.random.normal(jax.random.fold_in(key, 2), (37, n), jnp.float32)
+    fwd = jax.jit(kernels.mixed_matmul) if jit else kernels.mixed_matmul
+    y, vjp = jax.vjp(fwd, x, w)
+    dx, dw = (jax.jit(vjp) if jit else vjp)(g)
+    chex.assert_trees_all_equal_dtypes((y, dx, dw), (x, x, w))
+    xr, wr, gr = _bf16_round(x), _bf16_round(w), _bf16_round(g)
+    np.testing.assert_allclose(y, xr @ wr, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gr @ wr.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, xr.T @ gr, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_matmul_runs_all_three_matmuls_on_bf16_operands():
+    x, w = jnp.ones((8, 4), jnp.bfloat16), jnp.ones((4, 6), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(kernels.mixed_matmul(x, w)), (0, 1)))(x, w)
+    dots = []
+
+    def walk(jpr):
+        for eqn in jpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(eqn)
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+    walk(jaxpr.jaxpr)
+    assert len(dots) == 3
+    for eqn in dots:
+        assert [str(v.aval.dtype) for v in eqn.invars] == ["bfloat16", "bfloat16"]
+        assert str(eqn.outvars[0].aval.dtype) == "float32"
+        (lhs_axes, rhs_axes), _ = eqn.params["dimension_numbers"]
+        assert (tuple(lhs_axes), tuple(rhs_axes)) == ((1,), (0,))  # [M, K] x [K, N]: no transpose folded in

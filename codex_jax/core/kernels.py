@@ -116,6 +116,47 @@ def _tied_head_bwd(res, g):
 tied_head_nll.defvjp(_tied_head_fwd, _tied_head_bwd)
 
 
+@jax.custom_vjp
+def mixed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] @ w [K, N] -> float32 [M, N] from bf16 operands, the backward's two
+    matmuls (dx = g w^T, dw = x^T g) in bf16 with float32 accumulation too.
+
+    XLA CPU runs a bf16 matmul on bf16 instructions (AVX-512 BF16, AMX) only as
+    [M, K] x [K, N] -> float32 over row-major operands; autodiff's backward matmuls
+    contract a transposed operand, which XLA folds into the dot and then computes in
+    float32.  So the backward here hands it physically transposed copies (``_row_major_t``).
+    """
+    return _mixed_matmul_fwd(x, w)[0]
+
+
+def _row_major_t(a: jax.Array) -> jax.Array:
+    """a.T as a row-major copy that XLA cannot fold back into the consuming dot: the
+    multiply by an opaque 1 takes the layout of its first operand (row-major) and the
+    barrier keeps the simplifier from moving the transpose past it."""
+    one = jax.lax.optimization_barrier(jnp.ones((), a.dtype))
+    return jax.lax.optimization_barrier(one * a.T)
+
+
+def _mixed_matmul_fwd(x, w):
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))  # residuals must be arrays
+    return jnp.dot(x16, w16, preferred_element_type=jnp.float32), (x16, w16, dtypes)
+
+
+def _mixed_matmul_bwd(res, g):
+    x16, w16, (x_like, w_like) = res
+    g16 = g.astype(jnp.bfloat16)
+    dx = jnp.dot(g16, _row_major_t(w16), preferred_element_type=jnp.float32)  # [M, K]
+    if x16.shape[1] <= g16.shape[1]:  # copy the smaller of x [M, K] and g [M, N] transposed
+        dw = jnp.dot(_row_major_t(x16), g16, preferred_element_type=jnp.float32)  # [K, N]
+    else:  # dw^T = g^T x, its transpose left to the consumer (the barrier keeps the dot as is)
+        dw = jax.lax.optimization_barrier(jnp.dot(_row_major_t(g16), x16, preferred_element_type=jnp.float32)).T
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 def categorical_kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
     """Exact KL(p || q) over the last axis.  [..., V] -> [...]."""
     logp = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)

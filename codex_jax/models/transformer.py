@@ -9,10 +9,11 @@ are separate transformers of the same config with a scalar head ``score_head``
 ``cfg.dtype = "bfloat16"`` every matmul of a dense layer takes bf16 operands and
 accumulates and returns float32 (``mixed_dot``), so the residual stream, attention (and
 the KV cache), LayerNorm statistics, softmaxes and log-probs stay float32; only the
-matmul inputs are rounded to bf16.  On XLA CPU this is also what runs fast: a bf16 dot
-with a bf16 result, or one whose operand is transposed, is computed in float32 there
-after converting both operands, while bf16 x bf16 -> float32 in the plain [M, K] x [K, N]
-form runs on bf16 instructions (AVX-512 BF16 / AMX).
+matmul inputs (and, in the backward pass, the output gradients) are rounded to bf16.  On
+XLA CPU this is also what runs fast: a bf16 dot with a bf16 result, or one whose operand
+is transposed, is computed in float32 there after converting both operands, while
+bf16 x bf16 -> float32 in the plain [M, K] x [K, N] form runs on bf16 instructions
+(AVX-512 BF16 / AMX); ``kernels.mixed_matmul`` puts the backward's matmuls in that form.
 
 How a prompt is read.  Prompts arrive right-padded (prompt_mask is a prefix of
 ones).  Every function reads the sequence
@@ -58,11 +59,19 @@ def _dtype(cfg: TransformerConfig):
 
 
 def mixed_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """``lax.dot_general`` that accumulates and returns float32 whatever the operand dtype
-    (flax's ``Dense(dot_general=...)`` hook): bf16 operands, float32 result."""
-    del preferred_element_type
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=jnp.float32, **kwargs)
+    """flax's ``Dense(dot_general=...)`` hook for the bf16 path: bf16 operands, float32
+    accumulation and result, forward and backward (``kernels.mixed_matmul``).  A dense
+    layer contracts the input's trailing axes with the kernel's leading ones, so the
+    product is one [M, K] x [K, N] matmul between reshapes."""
+    del precision, preferred_element_type, kwargs
+    (lhs_axes, rhs_axes), (lhs_batch, rhs_batch) = dimension_numbers
+    n = len(lhs_axes)
+    if lhs_batch or rhs_batch or tuple(lhs_axes) != tuple(range(lhs.ndim - n, lhs.ndim)) \
+            or tuple(rhs_axes) != tuple(range(n)):
+        raise ValueError(f"mixed_dot: not a dense layer's contraction: {dimension_numbers}")
+    k = math.prod(rhs.shape[:n])
+    out = kernels.mixed_matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))  # f32 [M, N]
+    return out.reshape(lhs.shape[: lhs.ndim - n] + rhs.shape[n:])
 
 
 def _dense_kwargs(cfg: TransformerConfig) -> dict:
