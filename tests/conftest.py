@@ -13,6 +13,19 @@ import pathlib
 
 import pytest
 
+
+# --------------------------------------------------------------------------- jaxprs
+def dot_eqns(jaxpr):
+    """Every dot_general equation of a jaxpr, sub-jaxprs (pjit, custom_vjp, scan) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)  # closed or open sub-jaxprs
+            if hasattr(inner, "eqns"):
+                yield from dot_eqns(inner)
+
+
 # --------------------------------------------------------------------------- data
 TINY_RECORDS: dict[str, list[dict[str, str]]] = {
     "corpus.jsonl": [{"text": f"def f{i}(x): return x + {i}"} for i in range(12)],

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import dot_eqns
 
 from codex_jax.core import kernels
 from codex_jax.core.optim import apply_gradients
@@ -236,16 +237,7 @@ def test_fused_tied_head_runs_every_bfloat16_matmul_in_bfloat16():
     embedding = jnp.ones((11, 8), jnp.float32)
     f = lambda h, e: jnp.sum(kernels.tied_head_nll(h, e, jnp.arange(6) % 11, jnp.float32(0.0)))
     jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, embedding)
-
-    def dots(jpr):
-        for eqn in jpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield eqn
-            for param in eqn.params.values():
-                inner = getattr(param, "jaxpr", param)  # closed or open sub-jaxprs
-                if hasattr(inner, "eqns"):
-                    yield from dots(inner)
-    found = list(dots(jaxpr.jaxpr))
+    found = list(dot_eqns(jaxpr.jaxpr))
     assert len(found) >= 3  # forward logits, backward recompute, d_hidden, d_embedding
     for eqn in found:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
@@ -280,17 +272,7 @@ def test_mixed_matmul_forward_and_backward_are_bf16_products_accumulated_in_floa
 def test_mixed_matmul_runs_all_three_matmuls_on_bf16_operands():
     x, w = jnp.ones((8, 4), jnp.bfloat16), jnp.ones((4, 6), jnp.float32)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(kernels.mixed_matmul(x, w)), (0, 1)))(x, w)
-    dots = []
-
-    def walk(jpr):
-        for eqn in jpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                dots.append(eqn)
-            for param in eqn.params.values():
-                inner = getattr(param, "jaxpr", param)
-                if hasattr(inner, "eqns"):
-                    walk(inner)
-    walk(jaxpr.jaxpr)
+    dots = list(dot_eqns(jaxpr.jaxpr))
     assert len(dots) == 3
     for eqn in dots:
         assert [str(v.aval.dtype) for v in eqn.invars] == ["bfloat16", "bfloat16"]

@@ -9,6 +9,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dot_eqns
 
 from codex_jax.config import LMConfig, OptimConfig, TransformerConfig
 from codex_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -268,17 +269,6 @@ def test_bfloat16_ppo_log_probs_and_policy_gradient_stay_within_tolerance_of_flo
     assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 0.05
 
 
-def _dot_eqns(jpr):
-    """Every dot_general of a jaxpr, sub-jaxprs (pjit, custom_vjp, scan) included."""
-    for eqn in jpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _dot_eqns(inner)
-
-
 @pytest.mark.parametrize("scalar_head", [False, True], ids=["policy", "critic"])
 def test_bfloat16_dense_matmuls_take_bf16_operands_and_return_float32(scalar_head):
     """Under dtype = "bfloat16" each block's four dense matmuls (qkv, attention output,
@@ -291,7 +281,7 @@ def test_bfloat16_dense_matmuls_take_bf16_operands_and_return_float32(scalar_hea
     tokens, valid, positions, _ = tf.sequence(prompt, pmask, response)
     for cfg in (bf16, CFG):
         jaxpr = jax.make_jaxpr(lambda p: tf.hidden_states(cfg, V, p, tokens, valid, positions, scalar_head))(params)
-        dots = list(_dot_eqns(jaxpr.jaxpr))
+        dots = list(dot_eqns(jaxpr.jaxpr))
         operand_dtypes = [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in dots]
         assert all(str(eqn.outvars[0].aval.dtype) == "float32" for eqn in dots)
         want_bf16 = 4 * cfg.layers if cfg.dtype == "bfloat16" else 0
