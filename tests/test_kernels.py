@@ -218,13 +218,15 @@ def test_fused_tied_head_matches_autodiff_of_log_softmax(eps):
                                _head_reference(hidden, embedding, targets, eps), rtol=1e-5, atol=1e-6)
 
 
-def test_fused_tied_head_keeps_bfloat16_gradients_in_bfloat16():
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_fused_tied_head_keeps_bfloat16_gradients_in_bfloat16(jit):
     key = jax.random.key(12)
     hidden = jax.random.normal(key, (6, 8), jnp.bfloat16)
     embedding = jax.random.normal(jax.random.fold_in(key, 1), (11, 8), jnp.float32)
     targets = jnp.arange(6) % 11
     f = lambda h, e: jnp.sum(kernels.tied_head_nll(h, e, targets, jnp.float32(0.0)))
-    gh, ge = jax.grad(f, argnums=(0, 1))(hidden, embedding)
+    grad = jax.grad(f, argnums=(0, 1))
+    gh, ge = (jax.jit(grad) if jit else grad)(hidden, embedding)
     assert gh.dtype == jnp.bfloat16 and ge.dtype == jnp.float32
     ref = jax.grad(lambda e: jnp.sum(_head_reference(hidden.astype(jnp.float32), e, targets, 0.0)))(embedding)
     chex.assert_trees_all_close(ge, ref, rtol=5e-2, atol=5e-2)
@@ -238,10 +240,14 @@ def test_fused_tied_head_runs_every_bfloat16_matmul_in_bfloat16():
     f = lambda h, e: jnp.sum(kernels.tied_head_nll(h, e, jnp.arange(6) % 11, jnp.float32(0.0)))
     jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hidden, embedding)
     found = list(dot_eqns(jaxpr.jaxpr))
-    assert len(found) >= 3  # forward logits, backward recompute, d_hidden, d_embedding
+    assert len(found) == 4  # forward logits, backward recompute, d_hidden, d_embedding
     for eqn in found:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
         assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+    # the two backward products contract [M, K] x [K, N] (XLA CPU's bf16 form; d_embedding
+    # from a transposed copy of hidden), the logits h E^T the embedding's rows
+    forms = sorted(tuple(map(tuple, eqn.params["dimension_numbers"][0])) for eqn in found)
+    assert forms == [((1,), (0,))] * 2 + [((1,), (1,))] * 2
 
 
 # --------------------------------------------------------------------------- bf16 matmul

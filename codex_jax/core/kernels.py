@@ -108,8 +108,12 @@ def _tied_head_bwd(res, g):
     dt = hidden.dtype
     d_hidden = jnp.einsum("nv,vd->nd", d.astype(dt), embedding.astype(dt),
                           preferred_element_type=jnp.float32).astype(dt)
-    d_embedding = jnp.einsum("nv,nd->vd", d.astype(dt), hidden,
-                             preferred_element_type=jnp.float32).astype(embedding.dtype)
+    if dt == jnp.bfloat16:  # d E^T = hidden^T d in the [M, K] x [K, N] form (see mixed_matmul)
+        d_embedding = jax.lax.optimization_barrier(
+            jnp.dot(_row_major_t(hidden), d.astype(dt), preferred_element_type=jnp.float32)).T
+    else:
+        d_embedding = jnp.einsum("nv,nd->vd", d, hidden, preferred_element_type=jnp.float32)
+    d_embedding = d_embedding.astype(embedding.dtype)
     return d_hidden, d_embedding, None, jnp.zeros_like(label_smoothing)
 
 

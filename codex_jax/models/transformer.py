@@ -44,6 +44,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from codex_jax.config import TransformerConfig
 from codex_jax.config.tokenizers import BOS_ID
@@ -75,19 +76,34 @@ def mixed_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_typ
 
 
 def _dense_kwargs(cfg: TransformerConfig) -> dict:
-    """Dense-layer options of the compute dtype: float32 is flax's plain layer (its
-    programs unchanged); bf16 rounds the inputs and kernel and keeps a float32 result."""
-    if cfg.dtype == "bfloat16":
-        return {"dtype": jnp.bfloat16, "dot_general": mixed_dot}
-    return {"dtype": jnp.float32}
+    """Dense-layer options: flax's float32 layer, and under bf16 ``mixed_dot`` rounding the
+    matmul's operands only (flax's bf16 layer would also convert the kernel and round the
+    input's and kernel's gradients to bf16 on the way back)."""
+    return {"dtype": jnp.float32, **({"dot_general": mixed_dot} if cfg.dtype == "bfloat16" else {})}
 
 
-def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rotary position embedding ("rotate half" form).  x [B, H, L, hd], positions [B, L]."""
+@functools.lru_cache(maxsize=64)
+def _angle_table(length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position p times frequency i, float32 [length, hd/2] (computed in float64)."""
+    half = head_dim // 2
+    freqs = 10000.0 ** (-np.arange(half, dtype=np.float64) / half)
+    angles = np.arange(length, dtype=np.float64)[:, None] * freqs
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles, each float32 [B, 1, L, hd/2], for positions
+    [B, L] in [0, length): rows of a constant table, gathered once per pass and shared by
+    every layer's q and k.  (Computing cos / sin from the positions in the graph let XLA
+    fuse them into every consumer, evaluated again per head, layer and backward use.)"""
+    cos, sin = _angle_table(length, head_dim)
+    return jnp.asarray(cos)[positions][:, None], jnp.asarray(sin)[positions][:, None]
+
+
+def rotary(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary position embedding ("rotate half" form).  x [B, H, L, hd], tables of ``rotary_tables``."""
+    cos, sin = tables
     half = x.shape[-1] // 2
-    freqs = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [hd/2]
-    angles = positions.astype(jnp.float32)[:, None, :, None] * freqs  # [B, 1, L, hd/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
@@ -98,8 +114,9 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, cache=None, slot=0, read_idx=None):
-        """x [B, L, D], positions [B, L], attn_mask bool [B, L, K].
+    def __call__(self, x, rot, attn_mask, cache=None, slot=0, read_idx=None):
+        """x [B, L, D], rot the pass's ``rotary_tables`` (None with learned positions),
+        attn_mask bool [B, L, K].
 
         Without a cache K = L (the keys are this call's tokens).  With a cache
         (k, v each [B, H, S, hd]) this call's keys/values are written at slots
@@ -109,12 +126,12 @@ class Block(nn.Module):
         row, but queries, the attention output and the MLP run on the Q rows only.
         -> [B, Q, D] then, else [B, L, D].
         """
-        cfg, dt, dense = self.cfg, _dtype(self.cfg), _dense_kwargs(self.cfg)
-        h = nn.LayerNorm(dtype=dt, name="ln_attn")(x)
+        cfg, dense = self.cfg, _dense_kwargs(self.cfg)
+        h = nn.LayerNorm(dtype=jnp.float32, name="ln_attn")(x)  # float32: only the matmuls round
         qkv = nn.DenseGeneral((3, cfg.heads, cfg.head_dim), name="qkv", **dense)(h)  # f32
         q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # [B, H, L, hd]
-        if cfg.positions == "rotary":
-            q, k = rotary(q, positions), rotary(k, positions)
+        if rot is not None:
+            q, k = rotary(q, rot), rotary(k, rot)
         if cache is not None:
             ck, cv = cache
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, slot, 0))
@@ -129,7 +146,7 @@ class Block(nn.Module):
         weights = jax.nn.softmax(scores, axis=-1)
         out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
         x = x + nn.DenseGeneral(cfg.d_model, axis=(-2, -1), name="attn_out", **dense)(out)
-        h = nn.LayerNorm(dtype=dt, name="ln_mlp")(x)
+        h = nn.LayerNorm(dtype=jnp.float32, name="ln_mlp")(x)
         h = nn.gelu(nn.Dense(cfg.mlp_ratio * cfg.d_model, name="mlp_in", **dense)(h))
         return x + nn.Dense(cfg.d_model, name="mlp_out", **dense)(h), cache
 
@@ -144,9 +161,12 @@ class Transformer(nn.Module):
     def setup(self):
         cfg, dt = self.cfg, _dtype(self.cfg)
         init = nn.initializers.normal(0.02)
-        self.embed = nn.Embed(self.vocab_size, cfg.d_model, embedding_init=init, dtype=dt)
+        # float32 rows into the float32 residual stream (a bf16 Embed would also convert
+        # the whole [V, D] table at every pass); the final norm hands the head the
+        # compute dtype, which picks the head's matmul dtype
+        self.embed = nn.Embed(self.vocab_size, cfg.d_model, embedding_init=init, dtype=jnp.float32)
         if cfg.positions == "learned":
-            self.pos_embed = nn.Embed(cfg.context_len, cfg.d_model, embedding_init=init, dtype=dt)
+            self.pos_embed = nn.Embed(cfg.context_len, cfg.d_model, embedding_init=init, dtype=jnp.float32)
         self.blocks = [Block(cfg) for _ in range(cfg.layers)]
         self.final_norm = nn.LayerNorm(dtype=dt)
         if self.scalar_head:
@@ -156,10 +176,13 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if self.cfg.positions == "learned":
             x = x + self.pos_embed(positions)
+        # positions < the keys' length: this call's tokens, or the cache's slots
+        length = tokens.shape[1] if cache is None else cache[0][0].shape[2]
+        rot = rotary_tables(positions, self.cfg.head_dim, length) if self.cfg.positions == "rotary" else None
         new_cache = []
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            x, c = block(x, positions, attn_mask, None if cache is None else cache[i], slot,
+            x, c = block(x, rot, attn_mask, None if cache is None else cache[i], slot,
                          read_idx if last else None)
             new_cache.append(c)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
