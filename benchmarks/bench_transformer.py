@@ -428,9 +428,9 @@ def ppo_breakdown(family, pcfg, state, batch, k_sample, repeats: int) -> dict:
     step = jax.jit(generate.decode_step, static_argnums=(0, 1, 6))
     out["decode_step_s"] = timed(lambda: step(cfg_t, vocab, params, cache, valid, n, prompt.shape[1],
                                               response[:, 0], jnp.int32(0)), many)["median"]
-    # the sampler alone: top-k / top-p filter + Gumbel-max categorical over [B, V]
-    choose = jax.jit(lambda lg, k: jax.random.categorical(
-        k, generate.filter_logits(lg, cfg_t.top_k, cfg_t.top_p), axis=-1))
+    # the sampler alone: top-k / top-p filter + inverse-CDF draw over [B, V]
+    choose = jax.jit(lambda lg, k: generate.inverse_cdf_draw(
+        jax.random.uniform(k, lg.shape[:1]), generate.filter_logits(lg, cfg_t.top_k, cfg_t.top_p)))
     out["sampler_step_s"] = timed(lambda: choose(logits, k_sample), many)["median"]
     # prefill + (T - 1) teacher-forced decode steps: sampling without the sampler
     dl = jax.jit(generate.decode_logits, static_argnums=(0, 1))
@@ -486,8 +486,8 @@ def profile_ops(fn, args, trace_dir: str, top: int = 12) -> dict:
     def category(name: str) -> str:
         op = meta.get(name, "")
         bwd = ":bwd" if "transpose(" in op else ""
-        if "_gumbel" in op or "_uniform" in op or "threefry" in op or "choose" in op:
-            return "sampler (gumbel rng + argmax over V)"
+        if "_uniform" in op or "threefry" in op or "choose" in op or "inverse_cdf_draw" in op:
+            return "sampler (rng + inverse-CDF draw over V)"
         if "transpose(jvp())/div" in op or "transpose(jvp(jit(log_softmax)))" == op.rsplit("/", 1)[-1] \
                 or op.endswith("transpose(jvp(jit(log_softmax)))"):
             return "lm_head: d logits transposed copy [V, tokens]"
