@@ -290,24 +290,26 @@ def test_bfloat16_dense_matmuls_take_bf16_operands_and_return_float32(scalar_hea
         assert operand_dtypes.count(("float32", "float32")) == len(dots) - want_bf16
 
 
-def test_inverse_cdf_draw_follows_the_softmax_and_never_draws_a_filtered_id():
-    """The sampler's draw: frequencies over 40,000 draws per row within 5 standard errors
-    of softmax(logits), no -inf id ever drawn, and at the ends of [0, 1) the first and the
+@pytest.mark.parametrize("block", [128, 7])
+def test_inverse_cdf_draw_follows_the_softmax_and_never_draws_a_filtered_id(block):
+    """The sampler's draw over 300 ids (blocks of 128 with a padded tail, or of 7): frequencies
+    over 40,000 draws per row within 5 standard errors of softmax(logits), no -inf id ever
+    drawn (one row has a whole block of them), and at the ends of [0, 1) the first and the
     last id with mass (rounding at the top cannot reach a filtered tail)."""
-    logits = jnp.array([[0.5, -jnp.inf, 1.5, 0.0, -jnp.inf, -1.0],
-                        [-jnp.inf, 2.0, 2.0, -jnp.inf, 0.3, -jnp.inf]], jnp.float32)
-    n = 40_000
+    v, n = 300, 40_000
+    logits = 1.5 * jax.random.normal(jax.random.PRNGKey(8), (2, v))
+    logits = logits.at[0, 128:256].set(-jnp.inf).at[0, :3].set(-jnp.inf).at[1, 290:].set(-jnp.inf)
+    logits = logits.at[1, ::5].set(-jnp.inf)
     u = jax.random.uniform(jax.random.PRNGKey(9), (n, 2))
-    ids = np.asarray(jax.jit(jax.vmap(generate.inverse_cdf_draw, in_axes=(0, None)))(u, logits))  # [n, 2]
+    draw = jax.jit(jax.vmap(lambda u, lg: generate.inverse_cdf_draw(u, lg, block), in_axes=(0, None)))
+    ids = np.asarray(draw(u, logits))  # [n, 2]
     probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
     for row in range(2):
-        freq = np.bincount(ids[:, row], minlength=6) / n
+        freq = np.bincount(ids[:, row], minlength=v) / n
         assert np.all(freq[probs[row] == 0] == 0)
         np.testing.assert_array_less(np.abs(freq - probs[row]), 5 * np.sqrt(probs[row] * (1 - probs[row]) / n) + 1e-12)
-    ends = generate.inverse_cdf_draw(jnp.array([0.0, 0.0]), logits), \
-        generate.inverse_cdf_draw(jnp.array([1.0, 1.0]), logits)
-    np.testing.assert_array_equal(ends[0], [0, 1])
-    np.testing.assert_array_equal(ends[1], [5, 4])
+    np.testing.assert_array_equal(generate.inverse_cdf_draw(jnp.zeros(2), logits, block), [3, 1])
+    np.testing.assert_array_equal(generate.inverse_cdf_draw(jnp.ones(2), logits, block), [299, 289])
 
 
 def test_top_k_one_is_greedy_decoding():

@@ -49,20 +49,33 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return logits
 
 
-def inverse_cdf_draw(u: jax.Array, logits: jax.Array) -> jax.Array:
+def _count_at_or_below(cdf: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
+    """Index of the interval [cdf[i - 1], cdf[i]) holding target [B] (cdf [B, n] of weights
+    [B, n]): the count of cdf <= target.  Zero weights have empty intervals; rounding that
+    puts target at the top falls back to the last index with weight."""
+    n = cdf.shape[-1]
+    last = n - 1 - jnp.argmax(weights[:, ::-1] > 0, -1)
+    return jnp.minimum(jnp.sum(cdf <= target[:, None], -1), last)
+
+
+def inverse_cdf_draw(u: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
     """One id per row with P(id) = softmax(logits)[id], from u uniform in [0, 1) [B];
     logits [B, V] (-inf: never drawn).  -> int32 [B].
 
-    The id whose CDF interval [cdf[id - 1], cdf[id]) holds u * total: a cumulative sum
-    and a count over V per row, where ``jax.random.categorical`` would draw V Gumbel
-    variates per row (3x the time of a [32, 8192] draw on a CPU).  Zero-probability ids
-    have empty intervals; rounding that puts u * total at the top falls back to the last
-    id with mass."""
-    probs = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # unnormalised, [B, V]
-    cdf = jnp.cumsum(probs, -1)
-    ids = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], -1)
-    last = logits.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, -1)
-    return jnp.minimum(ids, last).astype(jnp.int32)
+    Inverse CDF in two levels: the block of ``block`` ids whose CDF interval holds
+    u * total, then the id inside it; cumulative sums over V / block block totals and over
+    one block per row, where one over V took 1.3 ms for [32, 8192] on XLA CPU, and
+    ``jax.random.categorical`` draws V Gumbel variates per row (3.3 ms)."""
+    b, v = logits.shape
+    weights = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))  # unnormalised, [B, V]
+    weights = jnp.pad(weights, ((0, 0), (0, -v % block))).reshape(b, -1, block)  # [B, nb, block]
+    totals = jnp.sum(weights, -1)  # [B, nb]
+    block_cdf = jnp.cumsum(totals, -1)
+    j = _count_at_or_below(block_cdf, u * block_cdf[:, -1], totals)  # [B]
+    row = jnp.take_along_axis(weights, j[:, None, None], 1)[:, 0]  # [B, block]
+    before = jnp.take_along_axis(block_cdf - totals, j[:, None], 1)[:, 0]
+    k = _count_at_or_below(jnp.cumsum(row, -1), u * block_cdf[:, -1] - before, row)
+    return (j * block + k).astype(jnp.int32)
 
 
 def prefill(cfg: TransformerConfig, vocab_size: int, params, prompt, prompt_mask, length: int):
