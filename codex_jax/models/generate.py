@@ -9,9 +9,10 @@ so every decode step computes exactly the logits of a full recompute over
 
 sample = prefill (one forward pass over BOS + prompt that fills the cache and gives
 the logits of response token 0) + ``length - 1`` single-token decode steps.  Each
-step draws from softmax(filtered logits / temperature) by inverse CDF with one uniform per
-row from ``fold_in(key, t)`` (``inverse_cdf_draw``); after a row emits EOS it emits PAD.  ``sample_with_logprobs`` also
-returns each token's log-prob from the same logits (a rollout's old log-probs).
+step draws from softmax(filtered logits / temperature) by inverse CDF with one uniform
+per row from ``fold_in(key, t)`` (``inverse_cdf_draw``); after a row emits EOS it emits
+PAD.  ``sample_with_logprobs`` also returns each token's log-prob from the same logits
+(a rollout's old log-probs).
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def inverse_cdf_draw(u: jax.Array, logits: jax.Array, block: int = 128) -> jax.A
     weights = jnp.pad(weights, ((0, 0), (0, -v % block))).reshape(b, -1, block)  # [B, nb, block]
     totals = jnp.sum(weights, -1)  # [B, nb]
     block_cdf = jnp.cumsum(totals, -1)
-    j = _count_at_or_below(block_cdf, u * block_cdf[:, -1], totals)  # [B]
+    target = u * block_cdf[:, -1]  # [B]
+    j = _count_at_or_below(block_cdf, target, totals)  # the block
     row = jnp.take_along_axis(weights, j[:, None, None], 1)[:, 0]  # [B, block]
-    before = jnp.take_along_axis(block_cdf - totals, j[:, None], 1)[:, 0]
-    k = _count_at_or_below(jnp.cumsum(row, -1), u * block_cdf[:, -1] - before, row)
+    before = jnp.take_along_axis(block_cdf - totals, j[:, None], 1)[:, 0]  # mass of blocks < j
+    k = _count_at_or_below(jnp.cumsum(row, -1), target - before, row)  # the id in the block
     return (j * block + k).astype(jnp.int32)
 
 
