@@ -108,9 +108,8 @@ def _tied_head_bwd(res, g):
     dt = hidden.dtype
     d_hidden = jnp.einsum("nv,vd->nd", d.astype(dt), embedding.astype(dt),
                           preferred_element_type=jnp.float32).astype(dt)
-    if dt == jnp.bfloat16:  # d E^T = hidden^T d in the [M, K] x [K, N] form (see mixed_matmul)
-        d_embedding = jax.lax.optimization_barrier(
-            jnp.dot(_row_major_t(hidden), d.astype(dt), preferred_element_type=jnp.float32)).T
+    if dt == jnp.bfloat16:  # d E^T = hidden^T d in XLA CPU's bf16 form; the barrier keeps the .T out of the dot
+        d_embedding = jax.lax.optimization_barrier(_weight_grad(hidden, d.astype(dt))).T
     else:
         d_embedding = jnp.einsum("nv,nd->vd", d, hidden, preferred_element_type=jnp.float32)
     d_embedding = d_embedding.astype(embedding.dtype)
@@ -152,10 +151,15 @@ def _mixed_matmul_bwd(res, g):
     g16 = g.astype(jnp.bfloat16)
     dx = jnp.dot(g16, _row_major_t(w16), preferred_element_type=jnp.float32)  # [M, K]
     if x16.shape[1] <= g16.shape[1]:  # copy the smaller of x [M, K] and g [M, N] transposed
-        dw = jnp.dot(_row_major_t(x16), g16, preferred_element_type=jnp.float32)  # [K, N]
+        dw = _weight_grad(x16, g16)  # [K, N]
     else:  # dw^T = g^T x, its transpose left to the consumer (the barrier keeps the dot as is)
-        dw = jax.lax.optimization_barrier(jnp.dot(_row_major_t(g16), x16, preferred_element_type=jnp.float32)).T
+        dw = jax.lax.optimization_barrier(_weight_grad(g16, x16)).T
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+def _weight_grad(x16: jax.Array, g16: jax.Array) -> jax.Array:
+    """x^T g from a row-major copy of x^T: bf16 [M, K], [M, N] -> float32 [K, N]."""
+    return jnp.dot(_row_major_t(x16), g16, preferred_element_type=jnp.float32)
 
 
 mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
