@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vs_trl.py [--iterations N] [--quick] [--table FILE.md]
                                       [--ppo-python P] [--grpo-python P] [--dtypes fp32,bf16]
+                                      [--floor]
 
 One PPO iteration and one GRPO iteration of the transformer reference recipe
 (bench_transformer's: 4 layers, d_model 256, 4 heads, vocab 8192; 32 rollouts of 64 prompt
@@ -20,6 +21,10 @@ value network), each measured here in its own fresh process:
     JAX ``jnp.dot`` with a float32 result, torch ``torch.mm``), and every iteration's MFU = FLOPs counted pass by
     pass (bench_transformer.ppo_flops / grpo_flops) / seconds / that framework's peak for
     the dtype it ran in.
+
+``--floor`` then runs benchmarks/bench_matmul_floor.py in a fresh process and puts each
+target's time budget (TRL fp32 s / 2 for fp32; TRL's fastest s / 3 for bf16) beside the
+iteration's matmul floor on this machine: the time of its matmuls alone as XLA CPU runs them.
 
 ``ratio`` = TRL seconds / codex-jax seconds (> 1: codex-jax is faster).  bf16 rows run only
 where the CPU has bf16 matmul instructions (avx512_bf16 or AMX; elsewhere both frameworks
@@ -149,7 +154,30 @@ def table(r: dict) -> str:
     for work, v in r.get("bf16_vs_trl_fastest", {}).items():
         rows.append(f"{work}: codex-jax bf16 against TRL's fastest setting here ({v['trl_fastest_dtype']}): "
                     f"**{v['ratio']:.2f}x**.")
+    for p in r["pairs"]:
+        if "target" in p:
+            t = p["target"]
+            rows.append(f"{p['work']} {p['dtype']}: {t['ratio']}x TRL {t['vs']} needs <= {t['budget_s']:.2f} s; "
+                        f"the iteration's matmul floor here is {t['matmul_floor_s']:.2f} s "
+                        f"({'within' if t['reachable'] else 'over'} the budget).")
     return "\n".join(rows)
+
+
+# the issue's targets: fp32 >= 2x TRL's fp32; bf16 >= 3x TRL's fastest setting
+TARGET_RATIO = {"fp32": 2, "bf16": 3}
+
+
+def set_targets(pairs: list[dict], floor: dict) -> None:
+    """Each pair's target budget (s) beside the matmul floor of bench_matmul_floor.py."""
+    for p in pairs:
+        if p["dtype"] == "bf16":
+            ref = min((q for q in pairs if q["work"] == p["work"]), key=lambda q: q["trl"]["iteration_s"])
+        else:
+            ref = p
+        budget = ref["trl"]["iteration_s"] / TARGET_RATIO[p["dtype"]]
+        fl = floor["results"][f"{p['work'].lower()}_{p['dtype']}"]["iteration_floor_s"]
+        p["target"] = {"ratio": TARGET_RATIO[p["dtype"]], "vs": ref["dtype"], "budget_s": budget,
+                       "matmul_floor_s": fl, "reachable": fl <= budget}
 
 
 def main(argv=None) -> dict:
@@ -162,6 +190,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--grpo-python", default=str(ROOT / ".peer-venv-grpo" / "bin" / "python"),
                     help="python of the current-TRL venv")
     ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (bf16 only on bf16 hardware)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run bench_matmul_floor.py and put each target's budget beside the matmul floor")
     ap.add_argument("--child", nargs=2, metavar=("ALGORITHM", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.iterations < 1:
@@ -199,13 +229,19 @@ def main(argv=None) -> dict:
             fastest = min(done.values(), key=lambda p: p["trl"]["iteration_s"])
             vs_fastest[work] = {"trl_fastest_dtype": fastest["dtype"],
                                 "ratio": fastest["trl"]["iteration_s"] / done["bf16"]["codex_jax"]["iteration_s"]}
+    floor = None
+    if args.floor:
+        floor = _last_json([sys.executable, str(HERE / "bench_matmul_floor.py"), "--dtypes", ",".join(dtypes),
+                            *quick])
+        set_targets(pairs, floor)
     sys.path.insert(0, str(HERE))
     from bench_transformer import cpu_model
 
     result = {"bench": "vs_trl", "quick": bool(args.quick), "cpu": cpu_model(), "cores": os.cpu_count(),
               "bf16_hardware": hardware, "dtypes_run": dtypes, "iterations": args.iterations,
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "matmul_n": n,
-              "matmul_peak_gflops": peaks, "pairs": pairs, "bf16_vs_trl_fastest": vs_fastest}
+              "matmul_peak_gflops": peaks, "pairs": pairs, "bf16_vs_trl_fastest": vs_fastest,
+              "matmul_floor": floor}
     if args.table:
         pathlib.Path(args.table).write_text(table(result) + "\n", encoding="utf-8")
     print(json.dumps(result))
