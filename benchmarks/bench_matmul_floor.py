@@ -10,8 +10,9 @@ fusion, CSE and layout passes, so exactly the matmuls that run), and times a pro
 that runs only those matmuls, on random operands, as independent ops XLA may overlap.
 So per dtype:
 
-  * ``minibatch.grad_s``: the real gradient (median of ``--repeats`` calls);
-    ``minibatch.matmuls_s``: its matmuls alone; ``matmul_share`` = matmuls_s / grad_s.
+  * ``minibatch.grad_s``: the real gradient; ``minibatch.matmuls_s``: its matmuls alone
+    (each the median of 3 alternated rounds of ``--repeats`` calls after a warm-up);
+    ``matmul_share`` = matmuls_s / grad_s.
   * ``minibatch.dot_flops`` (2 x the product of each dot's output and contracted
     sizes, summed) beside ``counted_flops`` (bench_transformer's pass-by-pass count):
     the two must agree, or the HLO walk missed or double-counted a matmul.
@@ -36,7 +37,6 @@ import pathlib
 import re
 import statistics
 import sys
-import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -115,19 +115,10 @@ def matmul_program(dots: list[dict], key: jax.Array):
     return jax.jit(run), operands
 
 
-def median_s(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def minibatch_gradient(algorithm: str, c: dict, cfg: TransformerConfig):
-    """(grad fn, its args, FLOPs counted pass by pass, iteration FLOPs, scfg) of one
-    minibatch gradient on a real rollout of the reference recipe."""
+    """One minibatch gradient on a real rollout of the reference recipe -> (jitted grad
+    fn, its args, its FLOPs counted pass by pass, the iteration's FLOP count by pass,
+    gradients per iteration)."""
     vocab, b, p, t = c["vocab"], c["rollouts"], c["prompt_len"], c["response_len"]
     if algorithm == "ppo":
         _, scfg, state, data = bt.make_ppo(c, cfg)
@@ -159,8 +150,8 @@ def measure(algorithm: str, c: dict, cfg: TransformerConfig, repeats: int, peak_
     # alternate the two so that drift on a shared machine hits both alike
     grad_s, mm_s = [], []
     for _ in range(3):
-        grad_s.append(median_s(grad, args, repeats))
-        mm_s.append(median_s(program, (operands,), repeats))
+        grad_s.append(bt.timed(lambda: grad(*args), repeats)["median"])
+        mm_s.append(bt.timed(lambda: program(operands), repeats)["median"])
     grad_s, mm_s = statistics.median(grad_s), statistics.median(mm_s)
     found = sum(dot_flops(d) for d in dots)
     rest = flops["total"] - flops["update"]  # generation + scoring
