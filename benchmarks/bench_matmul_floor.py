@@ -84,6 +84,8 @@ def hlo_dots(hlo: str) -> list[dict]:
         dots.append({"lhs": shapes[lhs], "rhs": shapes[rhs], "out_dtype": out_dtype,
                      "dims": ((field(rest, "lhs_contracting_dims"), field(rest, "rhs_contracting_dims")),
                               (field(rest, "lhs_batch_dims"), field(rest, "rhs_batch_dims")))})
+    if not dots:  # GPU / TPU backends lower matmuls to library calls, not HLO dots
+        raise ValueError("hlo_dots: no dot in the compiled module; the floor is an XLA CPU measurement")
     return dots
 
 
@@ -154,6 +156,9 @@ def measure(algorithm: str, c: dict, cfg: TransformerConfig, repeats: int, peak_
         mm_s.append(bt.timed(lambda: program(operands), repeats)["median"])
     grad_s, mm_s = statistics.median(grad_s), statistics.median(mm_s)
     found = sum(dot_flops(d) for d in dots)
+    if abs(found / counted - 1) >= 0.01:
+        print(f"WARNING: the compiled gradient's dots do {found:.4g} FLOPs, the pass-by-pass count "
+              f"{counted:.4g}: the floor below is not this gradient's", file=sys.stderr)
     rest = flops["total"] - flops["update"]  # generation + scoring
     peak = peak_gflops * 1e9
     return {

@@ -52,6 +52,11 @@ def test_matmul_program_reproduces_the_dots_shapes_and_dtypes():
         np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
 
 
+def test_hlo_dots_refuses_a_module_without_dots():
+    with pytest.raises(ValueError, match="no dot"):
+        bf.hlo_dots(jax.jit(lambda x: x * 2).lower(jnp.ones(3)).compile().as_text())
+
+
 def test_hlo_dots_refuses_a_loop():
     f = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, y: y @ x, x))
     with pytest.raises(ValueError, match="while loop"):
